@@ -1,0 +1,563 @@
+"""Numerical equivalence check between a reference ONNX model and a rewritten candidate.
+
+A rewrite (opset conversion, attention/RoPE/KV-cache fusion) is only worth keeping if the
+rewritten model computes the same thing. We run both models with onnxruntime on the same
+inputs and compare every output of the reference within a dtype-dependent tolerance.
+
+The inputs are synthesized so that they exercise the model the way real use does: token ids
+inside the vocabulary, a 0/1 attention mask with a left-padded row, position ids consistent
+with that mask, a non-empty KV cache, and distinct sizes for distinct symbolic dimensions
+(so that a rewrite which mixes up two axes cannot pass by accident). Relations between
+dimensions that the model does not declare are found by trying candidates on the reference.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import functools
+import itertools
+import math
+import operator
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# (atol, rtol) per floating dtype; a pass is |a - b| <= atol + rtol * |b| elementwise.
+_TOLERANCES: dict[np.dtype, tuple[float, float]] = {
+    np.dtype(np.float64): (1e-4, 1e-3),
+    np.dtype(np.float32): (1e-4, 1e-3),
+    np.dtype(np.float16): (1e-2, 1e-2),
+    _BF16: (5e-2, 5e-2),
+}
+
+# Sizes given to symbolic dimensions by role. Batch comes from the caller.
+_PAST = 3  # a non-empty KV cache, so the cache path is exercised
+_SEQ = 5
+_IMAGE_SIDE = 224  # vision models with dynamic height/width usually need the trained size
+
+# How many dimension assignments to try on the reference before giving up.
+_MAX_ATTEMPTS = 32
+
+# Ops through which an integer input still "is" the index of a Gather, and through which a
+# Gather's data still "is" a constant table.
+_INDEX_PASSTHROUGH = {"Cast", "Unsqueeze", "Reshape", "Flatten", "Squeeze", "Identity"}
+_TABLE_PASSTHROUGH = {"Cast", "Identity", "DequantizeLinear"}
+
+
+class CheckError(Exception):
+    """The reference model cannot be run, so there is nothing to compare against."""
+
+
+@dataclass
+class OutputDiff:
+    """How far one candidate output is from the reference (over entries finite in both)."""
+
+    max_abs: float
+    max_rel: float
+    passed: bool
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    outputs: dict[str, OutputDiff]  # every output of the reference model
+    message: str  # one line, for humans
+
+    def to_json(self) -> dict:
+        """Plain JSON-able dict; inf/NaN (a missing or unrunnable output) become None,
+        because JSON has no representation for them."""
+        return {
+            "passed": self.passed,
+            "outputs": {
+                name: {
+                    "max_abs": _json_float(diff.max_abs),
+                    "max_rel": _json_float(diff.max_rel),
+                    "passed": diff.passed,
+                }
+                for name, diff in self.outputs.items()
+            },
+            "message": self.message,
+        }
+
+
+@dataclass
+class ModelRef:
+    """A model to run: an in-memory ModelProto whose external data (if any, and not loaded
+    into memory) lives in files relative to `base_dir`."""
+
+    model: onnx.ModelProto
+    base_dir: str | None = None
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_model(model: ModelRef, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run `model` on onnxruntime CPU and return all its outputs by name.
+
+    Inputs the model does not declare are ignored, so one input set can feed a reference
+    and a candidate that dropped an input it no longer uses.
+    """
+    return _run(_session(model), inputs)
+
+
+def _session(model: ModelRef) -> onnxruntime.InferenceSession:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    if model.base_dir is not None:
+        # Where onnxruntime looks for the external data of a model given as bytes. (Writing
+        # the model to a temporary folder beside symlinks to the data does not work: recent
+        # onnxruntime resolves the links and rejects the data as outside the model folder.)
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", os.path.abspath(model.base_dir)
+        )
+    return ort.InferenceSession(model.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session: onnxruntime.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # Going through OrtValue is what lets bfloat16 in and out: the numpy path of
+    # onnxruntime rejects ml_dtypes.bfloat16 arrays and cannot return bfloat16 outputs.
+    feed = {meta.name: _to_ort(inputs[meta.name]) for meta in session.get_inputs() if meta.name in inputs}
+    values = session.run_with_ort_values(None, feed)
+    return {meta.name: _from_ort(value) for meta, value in zip(session.get_outputs(), values)}
+
+
+def _to_ort(array: np.ndarray) -> onnxruntime.OrtValue:
+    from onnxruntime import OrtValue
+
+    array = np.require(array, requirements="C")
+    if array.dtype == _BF16:
+        return OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
+    return OrtValue.ortvalue_from_numpy(array)
+
+
+def _from_ort(value: onnxruntime.OrtValue) -> np.ndarray:
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    size = value.tensor_size_in_bytes()
+    data = ctypes.string_at(value.data_ptr(), size) if size else b""
+    return np.frombuffer(data, dtype=_BF16).reshape(value.shape())
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def synthesize_inputs(model: ModelRef, *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs that respect the model's structure (see module docstring).
+
+    Raises CheckError when the model leaves dimension relations open and none of the
+    assignments tried lets it run.
+    """
+    return _synthesize(model, batch, seed)[0]
+
+
+@dataclass
+class _Input:
+    name: str
+    dtype: np.dtype
+    dims: list[int | str]  # ints are fixed sizes; strings are symbols or dim expressions
+    kind: str  # "ids", "mask", "position", "float", "bool" or "int"
+    table_rows: int | None  # rows of the constant table this input indexes via Gather
+
+
+def _synthesize(model: ModelRef, batch: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Synthesize inputs; also return the reference outputs when finding the inputs needed
+    running the model, so the caller need not run it again."""
+    specs = _input_specs(model.model)
+    fixed, past, choices = _plan_dims(specs, batch)
+    assignments = [
+        {**fixed, **{sym: options[i] for (sym, options), i in zip(choices, combo)}}
+        for combo in itertools.islice(_by_deviation([len(o) for _, o in choices]), _MAX_ATTEMPTS)
+    ]
+    if len(assignments) == 1:
+        return _fill(specs, assignments[0], past, seed), None
+    session = _session(model)
+    errors = []
+    for values in assignments:
+        try:
+            inputs = _fill(specs, values, past, seed)
+            return inputs, _run(session, inputs)
+        except Exception as e:  # any failure just means "not this assignment"
+            errors.append(e)
+    raise CheckError(
+        f"reference model did not run with any of {len(assignments)} input shape assignments; "
+        f"first error: {_one_line(errors[0])}"
+    )
+
+
+def _input_specs(model: onnx.ModelProto) -> list[_Input]:
+    graph = model.graph
+    initialized = {t.name for t in graph.initializer}
+    rows = _gather_table_rows(graph)
+    specs = []
+    for value in graph.input:
+        if value.name in initialized:  # IR < 4 lists initializers as inputs
+            continue
+        if not value.type.HasField("tensor_type"):
+            raise CheckError(f"cannot synthesize input '{value.name}': not a tensor")
+        tensor_type = value.type.tensor_type
+        dims = [
+            dim.dim_value if dim.dim_value > 0 else dim.dim_param or f"?{value.name}:{axis}"
+            for axis, dim in enumerate(tensor_type.shape.dim)
+        ]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        spec = _Input(value.name, dtype, dims, "", rows.get(value.name))
+        spec.kind = _kind(spec)
+        specs.append(spec)
+    return specs
+
+
+def _kind(spec: _Input) -> str:
+    """Role of an input, from structure first and the name only as a tie-breaker."""
+    name = spec.name.lower()
+    integer = spec.dtype.kind in "iu"
+    if integer and "position" in name and len(spec.dims) in (1, 2):
+        return "position"
+    if integer and spec.table_rows is not None:
+        return "ids"
+    if len(spec.dims) == 2 and (spec.dtype.kind in "iub" or (_is_float(spec.dtype) and "mask" in name)):
+        return "mask"
+    if spec.dtype.kind == "b":
+        return "bool"
+    return "float" if _is_float(spec.dtype) else "int"
+
+
+def _gather_table_rows(graph: onnx.GraphProto) -> dict[str, int]:
+    """For each graph input used (through shape-only ops) as Gather indices into a constant
+    table, the number of rows of the smallest such table: the valid index range."""
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = list(attr.t.dims)
+        for name in node.output:
+            producer[name] = node
+        for index, name in enumerate(node.input):
+            consumers[name].append((node, index))
+
+    def table_shape(name: str) -> list[int] | None:
+        while name not in shapes and name in producer and producer[name].op_type in _TABLE_PASSTHROUGH:
+            name = producer[name].input[0]
+        return shapes.get(name)
+
+    def rows(name: str) -> int | None:
+        found, pending = [], [name]
+        while pending:
+            for node, index in consumers[pending.pop()]:
+                if node.op_type in _INDEX_PASSTHROUGH and index == 0:
+                    pending.append(node.output[0])
+                elif node.op_type == "Gather" and index == 1 and (shape := table_shape(node.input[0])):
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    found.append(shape[axis])
+        return min(found, default=None)
+
+    return {value.name: r for value in graph.input if (r := rows(value.name)) is not None}
+
+
+def _plan_dims(
+    specs: list[_Input], batch: int
+) -> tuple[dict[str, int], int, list[tuple[str, list[int]]]]:
+    """Give symbolic dimensions sizes by role.
+
+    Returns the fixed sizes, the past length (0 without a KV cache), and for each remaining
+    free symbol its candidate sizes in order of preference.
+    """
+    fixed: dict[str, int] = {}
+    past = 0
+    for spec in specs:
+        dims, simple = spec.dims, [isinstance(d, str) and _symbols(d) == [d] for d in spec.dims]
+        if len(dims) >= 2 and simple[0]:
+            fixed[dims[0]] = batch
+        if len(dims) == 4 and _is_float(spec.dtype) and isinstance(dims[1], int):
+            if isinstance(dims[3], int) and simple[2]:  # KV cache [batch, heads, past, head_dim]
+                fixed[dims[2]] = past = _PAST
+            elif simple[2] and simple[3]:  # image [batch, channels, height, width]
+                fixed[dims[2]] = fixed[dims[3]] = _IMAGE_SIDE
+
+    def free_symbols(group: Iterable[_Input]) -> list[str]:
+        symbols = (sym for s in group for d in s.dims if isinstance(d, str) for sym in _symbols(d))
+        return [sym for sym in dict.fromkeys(symbols) if sym not in fixed]
+
+    # The sequence length comes from token ids if possible, never from a mask alone: a
+    # mask's length may include the past.
+    ordered = sorted(specs, key=lambda s: s.kind != "ids")
+    unmasked = free_symbols(s for s in ordered if s.kind != "mask")
+    if unmasked:
+        fixed[unmasked[0]] = seq = _SEQ
+    else:  # e.g. a decode-step export with input_ids fixed to [batch, 1]
+        seq = next(
+            (s.dims[-1] for s in ordered if s.kind in ("ids", "position") and isinstance(s.dims[-1], int)), _SEQ
+        )
+
+    mask_symbols = set(free_symbols(s for s in specs if s.kind == "mask"))
+    used = {batch, past, seq, past + seq}
+    distinct = (n for n in itertools.count(seq + 1) if n not in used)
+    choices = []
+    for sym in free_symbols(ordered):
+        own = next(distinct)
+        # A mask's length is almost always past + seq even when the export named it apart;
+        # anything else gets a size of its own first, so axis mix-ups show.
+        options = [past + seq, seq, own] if sym in mask_symbols else [own, seq, past + seq]
+        choices.append((sym, list(dict.fromkeys(options))))
+    return fixed, past, choices
+
+
+def _by_deviation(sizes: list[int]) -> Iterator[tuple[int, ...]]:
+    """All index tuples (index i below sizes[i]) ordered by how far they are from all-first
+    choices, so the preferred assignment is tried first and one change at a time after."""
+    for budget in range(sum(sizes) - len(sizes) + 1):
+        yield from _with_sum(sizes, budget)
+
+
+def _with_sum(sizes: list[int], budget: int) -> Iterator[tuple[int, ...]]:
+    if not sizes:
+        if budget == 0:
+            yield ()
+        return
+    for first in range(min(sizes[0] - 1, budget) + 1):
+        for rest in _with_sum(sizes[1:], budget - first):
+            yield (first, *rest)
+
+
+def _fill(specs: list[_Input], values: dict[str, int], past: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    # Positions last: they are derived from the mask.
+    for spec in sorted(specs, key=lambda s: s.kind == "position"):
+        shape = tuple(d if isinstance(d, int) else _eval_dim(d, values) for d in spec.dims)
+        if spec.kind == "ids":
+            array = rng.integers(0, spec.table_rows, size=shape)
+        elif spec.kind == "mask":
+            array = _mask(shape, past)
+        elif spec.kind == "position":
+            mask = next((arrays[s.name] for s in specs if s.kind == "mask"), None)
+            array = _positions(shape, mask, past)
+            if spec.table_rows is not None:
+                array = np.minimum(array, spec.table_rows - 1)
+        elif spec.kind == "float":
+            array = rng.standard_normal(shape)
+        elif spec.kind == "bool":
+            array = rng.random(shape) < 0.5
+        else:  # an integer of unknown meaning: 0 is a valid index, count and offset
+            array = np.zeros(shape)
+        arrays[spec.name] = np.asarray(array).astype(spec.dtype)
+    return arrays
+
+
+def _mask(shape: tuple[int, ...], past: int) -> np.ndarray:
+    """All ones, with every odd row left-padded (inside the past region when there is one)
+    while keeping at least one valid position."""
+    mask = np.ones(shape, dtype=np.int64)
+    total = shape[-1]
+    pad = min(max(1, past - 1) if past else max(1, total // 2), total - 1)
+    mask[1::2, :pad] = 0
+    return mask
+
+
+def _positions(shape: tuple[int, ...], mask: np.ndarray | None, past: int) -> np.ndarray:
+    """Position ids as a generation loop computes them from the mask: cumsum(mask) - 1."""
+    length = shape[-1]
+    if mask is not None and len(shape) == 2 and mask.shape[0] == shape[0] and mask.shape[1] >= length:
+        return np.maximum(np.cumsum(mask.astype(np.int64), axis=1) - 1, 0)[:, -length:]
+    return np.broadcast_to(np.arange(past, past + length), shape)
+
+
+# Symbolic dims: a name ("batch", "unk__3", "past_key_values.0.key_dim_2") or a simple
+# arithmetic expression of names as the dynamo exporter writes them ("s0 + s1", "2*s1").
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_FUNCS = {"max": max, "min": min}
+
+
+@functools.cache
+def _dim_expr(text: str) -> ast.expr | None:
+    """The parsed expression, or None when `text` is an opaque name such as "a.b/c"."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    return tree if _is_arith(tree) else None
+
+
+def _is_arith(node: ast.expr) -> bool:
+    match node:
+        case ast.Name() | ast.Constant(value=int()):
+            return True
+        case ast.BinOp(left=left, op=op, right=right):
+            return type(op) in _OPS and _is_arith(left) and _is_arith(right)
+        case ast.UnaryOp(op=ast.USub(), operand=operand):
+            return _is_arith(operand)
+        case ast.Call(func=ast.Name(id=func), args=args, keywords=[]):
+            return func.lower() in _FUNCS and all(_is_arith(a) for a in args)
+    return False
+
+
+def _symbols(text: str) -> list[str]:
+    """The free symbols a dim depends on: itself when it is a name, else the names in it."""
+    tree = _dim_expr(text)
+    if tree is None:
+        return [text]
+    functions = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in functions]
+
+
+def _eval_dim(text: str, values: dict[str, int]) -> int:
+    if text in values:
+        return values[text]
+    tree = _dim_expr(text)
+    assert tree is not None, "opaque dims are symbols and always have a value"
+    return _eval(tree, values)
+
+
+def _eval(node: ast.expr, values: dict[str, int]) -> int:
+    match node:
+        case ast.Name(id=name):
+            return values[name]
+        case ast.Constant(value=value):
+            return value
+        case ast.BinOp(left=left, op=op, right=right):
+            return _OPS[type(op)](_eval(left, values), _eval(right, values))
+        case ast.UnaryOp(operand=operand):
+            return -_eval(operand, values)
+        case ast.Call(func=ast.Name(id=func), args=args):
+            return _FUNCS[func.lower()](*(_eval(a, values) for a in args))
+    raise AssertionError(f"unsupported dim expression node {ast.dump(node)}")
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def check_equivalent(
+    reference: ModelRef,
+    candidate: ModelRef,
+    inputs: dict[str, np.ndarray] | None = None,
+    *,
+    seed: int = 0,
+    reference_outputs: dict[str, np.ndarray] | None = None,
+) -> CheckResult:
+    """Run both models on the same inputs and compare every reference output.
+
+    `inputs` default to synthesized ones. `reference_outputs` must have been computed from
+    `inputs` (so passing it requires passing `inputs`). A candidate that fails to load or
+    run is a failed check, not an exception; a reference that fails raises CheckError.
+    """
+    if reference_outputs is None:
+        if inputs is None:
+            inputs, reference_outputs = _synthesize(reference, 2, seed)
+        if reference_outputs is None:
+            try:
+                reference_outputs = run_model(reference, inputs)
+            except Exception as e:
+                raise CheckError(f"reference model failed to run: {_one_line(e)}") from e
+    elif inputs is None:
+        raise ValueError("reference_outputs given without the inputs they were computed from")
+
+    try:
+        candidate_outputs = run_model(candidate, inputs)
+    except Exception as e:  # onnxruntime raises many unrelated exception types
+        return CheckResult(
+            passed=False,
+            outputs={name: OutputDiff(math.inf, math.inf, False) for name in reference_outputs},
+            message=f"candidate failed to run: {_one_line(e)}",
+        )
+
+    diffs: dict[str, OutputDiff] = {}
+    problems: list[str] = []
+    for name, expected in reference_outputs.items():
+        if name not in candidate_outputs:
+            diffs[name] = OutputDiff(math.inf, math.inf, False)
+            problems.append(f"output '{name}' is missing from the candidate")
+            continue
+        diffs[name], problem = _compare(candidate_outputs[name], expected)
+        if problem:
+            problems.append(f"output '{name}' differs: {problem}")
+
+    if not problems:
+        count = len(diffs)
+        message = f"all {count} output{'s' if count != 1 else ''} agree"
+    else:
+        message = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+    return CheckResult(passed=not problems, outputs=diffs, message=message)
+
+
+def _compare(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff, str | None]:
+    """Diff of one output and, if it fails, why (for the message)."""
+    if actual.shape != expected.shape:
+        return OutputDiff(math.inf, math.inf, False), f"shape {actual.shape} vs reference {expected.shape}"
+    if actual.dtype != expected.dtype:
+        return OutputDiff(math.inf, math.inf, False), f"dtype {actual.dtype} vs reference {expected.dtype}"
+
+    a, b = actual.astype(np.float64), expected.astype(np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    abs_diff = np.abs(a[finite] - b[finite])
+    magnitude = np.abs(b[finite])
+    rel_diff = abs_diff / np.maximum(magnitude, np.finfo(np.float32).tiny)
+    max_abs = float(abs_diff.max(initial=0.0))
+    max_rel = float(rel_diff.max(initial=0.0))
+
+    problem = None
+    if _is_float(expected.dtype):
+        atol, rtol = _TOLERANCES[expected.dtype]
+        # NaN equals NaN at the same place; infinities must match exactly.
+        if not np.all(((np.isnan(a) & np.isnan(b)) | (a == b))[~finite]):
+            problem = "NaN/inf positions or signs differ"
+        elif not np.all(abs_diff <= atol + rtol * magnitude):
+            problem = f"max_abs {max_abs:.3g} (tolerance atol {atol:g}, rtol {rtol:g})"
+    elif not np.array_equal(actual, expected):
+        problem = f"max_abs {max_abs:.3g} (exact match required)"
+    return OutputDiff(max_abs, max_rel, problem is None), problem
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def load_inputs_npz(path: str) -> dict[str, np.ndarray]:
+    """User-supplied inputs from an .npz archive (one array per input name).
+
+    Raises ValueError with a one-line message on anything that is not such an archive.
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as e:  # np.load raises OSError, ValueError, EOFError, zip errors...
+        raise ValueError(f"cannot read inputs from {path}: {_one_line(e)}") from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"cannot read inputs from {path}: expected an .npz archive of named arrays, got a single array")
+    with archive:
+        try:
+            inputs = {name: archive[name] for name in archive.files}
+        except Exception as e:
+            raise ValueError(f"cannot read inputs from {path}: {_one_line(e)}") from e
+    if not inputs:
+        raise ValueError(f"cannot read inputs from {path}: the archive holds no arrays")
+    return inputs
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype == _BF16
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None

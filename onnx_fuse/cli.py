@@ -1,0 +1,154 @@
+"""The `onnx-fuse` command.
+
+Exit codes: 0 success, 1 the equivalence check failed (nothing written), 2 bad input or usage,
+3 an internal error (a bug: set ONNX_FUSE_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import BadInput, CheckFailed
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BadInput as exc:
+        return _error(str(exc), EXIT_BAD_INPUT)
+    except CheckFailed as exc:
+        if getattr(args, "report", None) and exc.check is not None:
+            _write_report(args.report, {"check": exc.check, "error": str(exc)})
+        return _error(str(exc), EXIT_CHECK_FAILED)
+    except KeyboardInterrupt:
+        return _error("interrupted", EXIT_INTERNAL)
+    except Exception as exc:  # never a traceback for users; ONNX_FUSE_DEBUG shows it
+        if os.environ.get("ONNX_FUSE_DEBUG"):
+            raise
+        from .check import CheckError
+
+        if isinstance(exc, CheckError):
+            return _error(f"cannot check: {exc}", EXIT_BAD_INPUT)
+        line = str(exc).strip().splitlines()
+        return _error(f"internal error: {type(exc).__name__}: {line[0] if line else ''}", EXIT_INTERNAL)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnx-fuse", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fuse = commands.add_parser("fuse", help="rewrite a model with fused ops")
+    fuse.add_argument("input", help="model file (.onnx)")
+    fuse.add_argument("-o", "--output", required=True, help="where to write the fused model")
+    fuse.add_argument("--target", default="onnx", help="what to emit (default: onnx)")
+    fuse.add_argument("--check", dest="check", action="store_true", default=True,
+                      help="prove the result equal to the input in onnxruntime (default)")
+    fuse.add_argument("--no-check", dest="check", action="store_false", help="skip the check")
+    fuse.add_argument("--inputs", help="inputs for the check (.npz) instead of synthesized ones")
+    fuse.add_argument("--report", help="write a JSON report here")
+    fuse.set_defaults(run=_fuse)
+
+    inspect = commands.add_parser("inspect", help="say what would fuse and why the rest does not")
+    inspect.add_argument("input")
+    inspect.add_argument("--target", default="onnx")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=_inspect)
+
+    check = commands.add_parser("check", help="compare two models in onnxruntime")
+    check.add_argument("reference")
+    check.add_argument("candidate")
+    check.add_argument("--inputs", help="inputs (.npz) instead of synthesized ones")
+    check.set_defaults(run=_check)
+    return parser
+
+
+def _fuse(args) -> int:
+    from .fuse import fuse
+
+    if os.path.abspath(args.output) == os.path.abspath(args.input):
+        raise BadInput("refusing to overwrite the input model; give -o another path")
+    inputs = _load_inputs(args.inputs)
+    result = fuse(args.input, target=args.target, check=args.check, inputs=inputs)
+    result.save(args.output)
+    if args.report:
+        _write_report(args.report, result.report)
+    print(_summary(result.report))
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _inspect(args) -> int:
+    from .fuse import fuse
+
+    report = fuse(args.input, target=args.target, check=False, apply=False).report
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(_summary(report))
+    for fused in report["fused"]:
+        details = ", ".join(f"{k}={v}" for k, v in fused.items() if k not in ("rule", "anchor"))
+        print(f"  fuses   {fused['rule']:<10} at {fused['anchor']}: {details}")
+    for miss in report["unfused"]:
+        print(f"  unfused {miss['pattern']:<10} at {miss['anchor']}: {miss['reason']}")
+    return EXIT_OK
+
+
+def _check(args) -> int:
+    from .check import ModelRef, check_equivalent
+    from .model_io import load_model
+
+    reference, candidate = load_model(args.reference), load_model(args.candidate)
+    outcome = check_equivalent(ModelRef(reference.model, reference.base_dir),
+                               ModelRef(candidate.model, candidate.base_dir),
+                               _load_inputs(args.inputs))
+    for name, diff in outcome.outputs.items():
+        verdict = "ok" if diff.passed else "DIFFERS"
+        print(f"  {name}: max_abs {diff.max_abs:.3g}, max_rel {diff.max_rel:.3g} {verdict}")
+    print(("passed: " if outcome.passed else "failed: ") + outcome.message)
+    return EXIT_OK if outcome.passed else EXIT_CHECK_FAILED
+
+
+def _load_inputs(path: str | None):
+    if path is None:
+        return None
+    from .check import load_inputs_npz
+
+    try:
+        return load_inputs_npz(path)
+    except (ValueError, OSError) as exc:
+        raise BadInput(str(exc).splitlines()[0]) from None
+
+
+def _summary(report: dict) -> str:
+    counts = ", ".join(f"{n} {c}" for n, c in sorted(report["counts"].items())) or "nothing"
+    opset = report["opset"]
+    line = f"fused: {counts}; unfused candidates: {len(report['unfused'])}"
+    if opset["to"] != opset["from"]:
+        line += f"; opset {opset['from']} -> {opset['to']}"
+    check = report.get("check")
+    if check is not None:
+        line += f"; check {'passed' if check['passed'] else 'FAILED'}: {check['message']}"
+    return line
+
+
+def _write_report(path: str, report: dict) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot write the report ({exc.strerror})") from None
+
+
+def _error(message: str, code: int) -> int:
+    print(f"onnx-fuse: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

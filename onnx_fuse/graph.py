@@ -1,0 +1,268 @@
+"""Graph access for rules: producers, consumers, shapes, and values folded from constants.
+
+The graph itself is an onnx-graphsurgeon graph; this wrapper adds the indexes and facts the
+matcher needs, each computed once so that a pass over the graph stays linear.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+Tensor = gs.Tensor
+Node = gs.Node
+
+# Constants larger than this are never loaded to match a rule (weights stay on disk).
+MAX_FOLD_ELEMENTS = 1 << 16
+
+
+class Graph:
+    """The model being rewritten."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.opsets = {o.domain or "": o.version for o in model.opset_import}
+        self.gs = gs.import_onnx(model)
+        self._by_op: dict[str, list[Node]] | None = None
+        self._values: dict[int, np.ndarray | None] = {}
+        self._used_names = {t for t in self.gs.tensors()} | {n.name for n in self.gs.nodes}
+        self._output_ids = {id(t) for t in self.gs.outputs}
+        self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
+        self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
+
+    # --- structure -------------------------------------------------------------------------
+
+    def nodes_of(self, op_type: str) -> list[Node]:
+        """Nodes of one op type in graph order (index built once per pass)."""
+        if self._by_op is None:
+            self._by_op = defaultdict(list)
+            for node in self.gs.nodes:
+                self._by_op[node.op].append(node)
+        return list(self._by_op.get(op_type, ()))
+
+    @staticmethod
+    def producer(tensor: Tensor) -> Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    @staticmethod
+    def consumers(tensor: Tensor) -> list[Node]:
+        return list(tensor.outputs)
+
+    def is_graph_output(self, tensor: Tensor) -> bool:
+        return id(tensor) in self._output_ids
+
+    def fresh_name(self, prefix: str) -> str:
+        name, i = prefix, 0
+        while name in self._used_names:
+            i += 1
+            name = f"{prefix}_{i}"
+        self._used_names.add(name)
+        return name
+
+    # --- types and shapes ------------------------------------------------------------------
+
+    @staticmethod
+    def shape(tensor: Tensor) -> tuple | None:
+        """Dims as ints (static), strings (symbolic) or None (unknown); None if rank unknown."""
+        shape = tensor.shape
+        return None if shape is None else tuple(shape)
+
+    @staticmethod
+    def rank(tensor: Tensor) -> int | None:
+        return None if tensor.shape is None else len(tensor.shape)
+
+    @staticmethod
+    def dtype(tensor: Tensor):
+        return tensor.dtype
+
+    # --- constant values -------------------------------------------------------------------
+
+    def value(self, tensor: Tensor) -> np.ndarray | None:
+        """The tensor's value if it follows from constants and static shapes alone, else None."""
+        key = id(tensor)
+        if key not in self._values:
+            self._values[key] = None  # guards against cycles in malformed graphs
+            try:
+                value = self._fold(tensor)
+            except (ValueError, TypeError, IndexError, KeyError, RecursionError, ZeroDivisionError):
+                value = None
+            if value is not None and value.size > MAX_FOLD_ELEMENTS:
+                value = None
+            self._values[key] = value
+        return self._values[key]
+
+    def scalar(self, tensor: Tensor) -> float | None:
+        """A constant whose elements are all one number (a broadcast scalar), as float."""
+        value = self.value(tensor)
+        if value is None or value.size == 0 or value.dtype == object:
+            return None
+        flat = value.reshape(-1)
+        first = flat[0]
+        if not np.all(flat == first):
+            return None
+        return float(first)
+
+    def dims(self, tensor: Tensor) -> list[int | None] | None:
+        """A 1-D int tensor's elements where known: shape vectors built from partly dynamic shapes."""
+        value = self.value(tensor)
+        if value is not None:
+            return [int(v) for v in value.reshape(-1)]
+        node = self.producer(tensor)
+        if node is None:
+            return None
+        if node.op == "Shape":
+            shape = self.shape(node.inputs[0])
+            if shape is None:
+                return None
+            start = node.attrs.get("start", 0)
+            end = node.attrs.get("end", len(shape))
+            return [d if isinstance(d, int) else None for d in shape[slice(start, end)]]
+        if node.op == "Concat":
+            parts = [self.dims(t) for t in node.inputs]
+            return None if any(p is None for p in parts) else [d for p in parts for d in p]
+        if node.op in ("Gather", "Slice") and node.inputs[0].shape is not None:
+            source = self.dims(node.inputs[0])
+            if source is None:
+                return None
+            index = np.arange(len(source))
+            try:
+                picked = _FOLDERS[node.op](node, [index] + [self.value(t) for t in node.inputs[1:]])
+                return [source[int(i)] for i in np.asarray(picked).reshape(-1)]
+            except (ValueError, TypeError, IndexError, AttributeError):
+                return None
+        return None
+
+    def _fold(self, tensor: Tensor) -> np.ndarray | None:
+        if isinstance(tensor, gs.Constant):
+            if int(np.prod(tensor.shape, dtype=np.int64)) > MAX_FOLD_ELEMENTS:
+                return None
+            return np.asarray(tensor.values)
+        node = self.producer(tensor)
+        if node is None or len(node.outputs) != 1:
+            return None
+        if node.op == "Constant":
+            return _constant_node_value(node)
+        if node.op in ("Shape", "Gather", "Slice", "Concat") and _is_int_vector(tensor):
+            dims = self.dims(tensor)
+            if dims is not None and all(d is not None for d in dims):
+                return np.array(dims, dtype=np.int64)
+            if node.op == "Shape":
+                return None
+        folder = _FOLDERS.get(node.op)
+        if folder is None:
+            return None
+        inputs = []
+        for t in node.inputs:
+            if t.name == "":  # omitted optional input
+                inputs.append(None)
+                continue
+            v = self.value(t)
+            if v is None:
+                return None
+            inputs.append(v)
+        return np.asarray(folder(node, inputs))
+
+
+def onnx_dtype(tensor: Tensor) -> int | None:
+    """The tensor's ONNX element type (graphsurgeon stores numpy dtypes, or the ONNX enum for
+    types numpy lacks)."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, int):
+        return dtype
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (TypeError, KeyError, ValueError):
+        return getattr(dtype, "onnx_type", None)
+
+
+def _is_int_vector(tensor: Tensor) -> bool:
+    return (
+        tensor.shape is not None
+        and len(tensor.shape) <= 1
+        and tensor.dtype is not None
+        and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+    )
+
+
+def _constant_node_value(node: Node) -> np.ndarray | None:
+    for key, value in node.attrs.items():
+        if key == "value":
+            return np.asarray(value.values)
+        if key in ("value_float", "value_int"):
+            return np.array(value, dtype=np.float32 if key == "value_float" else np.int64)
+        if key in ("value_floats", "value_ints"):
+            return np.array(value, dtype=np.float32 if key == "value_floats" else np.int64)
+    return None
+
+
+def _np_dtype(onnx_type: int):
+    return onnx.helper.tensor_dtype_to_np_dtype(onnx_type)
+
+
+def _axes(node: Node, inputs: list, index: int = 1):
+    if len(inputs) > index and inputs[index] is not None:
+        return [int(a) for a in np.asarray(inputs[index]).reshape(-1)]
+    return node.attrs.get("axes")
+
+
+def _slice(node: Node, x: list):
+    data = x[0]
+    starts, ends = np.asarray(x[1]).reshape(-1), np.asarray(x[2]).reshape(-1)
+    axes = np.asarray(x[3]).reshape(-1) if len(x) > 3 and x[3] is not None else range(len(starts))
+    steps = np.asarray(x[4]).reshape(-1) if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    index = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis)] = slice(*slice(int(start), int(end), int(step)).indices(data.shape[int(axis)]))
+    return data[tuple(index)]
+
+
+def _reshape(node: Node, x: list):
+    shape = [int(d) for d in x[1]]
+    if not node.attrs.get("allowzero", 0):
+        shape = [x[0].shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return x[0].reshape(shape)
+
+
+def _int_div(a, b):
+    if np.issubdtype(np.asarray(a).dtype, np.integer):
+        return (np.trunc(np.asarray(a) / np.asarray(b))).astype(np.asarray(a).dtype)
+    return np.asarray(a) / np.asarray(b)
+
+
+def _constant_of_shape(node: Node, x: list):
+    fill = node.attrs.get("value")
+    fill = np.asarray(fill.values).reshape(-1) if fill is not None else np.zeros(1, np.float32)
+    return np.full([int(d) for d in x[0]], fill[0], dtype=fill.dtype)
+
+
+_FOLDERS: dict[str, Callable[[Node, list], np.ndarray]] = {
+    "Identity": lambda n, x: x[0],
+    "Cast": lambda n, x: x[0].astype(_np_dtype(n.attrs["to"])),
+    "Sqrt": lambda n, x: np.sqrt(x[0]),
+    "Reciprocal": lambda n, x: np.reciprocal(x[0]),
+    "Neg": lambda n, x: np.negative(x[0]),
+    "Add": lambda n, x: np.add(x[0], x[1]),
+    "Sub": lambda n, x: np.subtract(x[0], x[1]),
+    "Mul": lambda n, x: np.multiply(x[0], x[1]),
+    "Div": lambda n, x: _int_div(x[0], x[1]),
+    "Pow": lambda n, x: np.power(x[0], x[1]).astype(x[0].dtype),
+    "Unsqueeze": lambda n, x: np.expand_dims(
+        x[0], [a % (x[0].ndim + len(_axes(n, x))) for a in _axes(n, x)]
+    ),
+    "Squeeze": lambda n, x: np.squeeze(x[0], axis=tuple(_axes(n, x)) if _axes(n, x) else None),
+    "Reshape": _reshape,
+    "Concat": lambda n, x: np.concatenate(x, axis=n.attrs["axis"]),
+    "Gather": lambda n, x: np.take(x[0], x[1], axis=n.attrs.get("axis", 0)),
+    "Slice": _slice,
+    "Range": lambda n, x: np.arange(x[0], x[1], x[2]).astype(np.asarray(x[0]).dtype),
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": lambda n, x: x[0] * np.ones([int(d) for d in x[1]], dtype=x[0].dtype),
+    "Equal": lambda n, x: np.equal(x[0], x[1]),
+    "Where": lambda n, x: np.where(x[0], x[1], x[2]),
+    "Not": lambda n, x: np.logical_not(x[0]),
+}

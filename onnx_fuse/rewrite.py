@@ -1,0 +1,144 @@
+"""The match-verify-rewrite driver.
+
+A rule names an anchor op type, a pattern and a `describe` step that verifies a match and turns
+it into a small typed spec (e.g. AttentionSpec). A target turns the spec into new nodes. The
+driver visits every anchor node once, so a pass is linear in the graph size; each rewrite is
+built completely before it touches the graph, then applied at once, so a rule that fails halfway
+leaves the graph as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import Graph, Node, Tensor
+from .pattern import Match, Pattern, match
+
+
+class Reject(Exception):
+    """A candidate that does not qualify; the message says which condition failed."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str  # the fusion family, counted in the report ("attention")
+    anchor: str  # op type whose nodes are candidates
+    pattern: Pattern
+    root: Callable[[Graph, Node], Tensor]  # anchor node -> tensor the pattern is matched at
+    describe: Callable[[Graph, Match], Any]  # verified match -> spec; raises Reject
+
+
+@dataclass
+class Fused:
+    rule: str
+    anchor: str
+    spec: Any
+
+
+@dataclass
+class Unfused:
+    anchor: str
+    pattern: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"anchor": self.anchor, "pattern": self.pattern, "reason": self.reason}
+
+
+@dataclass
+class PassResult:
+    fused: list[Fused] = field(default_factory=list)
+    unfused: list[Unfused] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for f in self.fused:
+            counts[f.rule] = counts.get(f.rule, 0) + 1
+        return counts
+
+
+class Rewrite:
+    """The new nodes of one fusion, collected first and applied to the graph all at once."""
+
+    def __init__(self, graph: Graph, rule: str):
+        self.graph, self.rule = graph, rule
+        self._nodes: list[tuple[str, list, list, dict, str]] = []
+        self._takeovers: list[Tensor] = []
+        self._shared: dict = {}
+
+    def shared(self, key, build: Callable[[], Tensor]) -> Tensor:
+        """A tensor computed once per pass and reused by every fusion that asks for `key`
+        (e.g. one mask shared by all layers)."""
+        if key in self.graph.shared:
+            return self.graph.shared[key]
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
+
+    def const(self, prefix: str, array: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.graph.fresh_name(prefix), np.asarray(array))
+
+    def op(self, op_type: str, inputs: list, attrs: dict | None = None, *, dtype=None,
+           shape=None, domain: str = "", outputs: list[Tensor] | None = None) -> Tensor:
+        """Add a node; returns its (first) output. `outputs` reuses existing tensors, which the
+        new node then produces in place of their old producer."""
+        if outputs is None:
+            outputs = [gs.Variable(self.graph.fresh_name(f"{self.rule}/{op_type}_out"), dtype, shape)]
+        else:
+            self._takeovers.extend(outputs)
+        self._nodes.append((op_type, list(inputs), outputs, dict(attrs or {}), domain))
+        return outputs[0]
+
+    def apply(self) -> list[Node]:
+        for tensor in self._takeovers:
+            old = self.graph.producer(tensor)
+            if old is not None:
+                old.outputs[old.outputs.index(tensor)] = gs.Variable(self.graph.fresh_name(tensor.name + "_dead"))
+        created = []
+        for op_type, inputs, outputs, attrs, domain in self._nodes:
+            node = gs.Node(op_type, self.graph.fresh_name(f"{self.rule}/{op_type}"), attrs,
+                           inputs, outputs, domain=domain or None)
+            self.graph.gs.nodes.append(node)
+            self.graph.fused_by[node.name] = self.rule
+            created.append(node)
+        self.graph.shared.update(self._shared)
+        return created
+
+
+def node_label(node: Node) -> str:
+    return f"{node.op} '{node.name or node.outputs[0].name}'"
+
+
+def run_rules(graph: Graph, rules: list[Rule], emit: Callable[[Any, Rewrite], None],
+              apply: bool = True) -> PassResult:
+    """Match every rule at every anchor; emit and apply the verified ones."""
+    result = PassResult()
+    consumed: set[int] = set()
+    for rule in rules:
+        for anchor in graph.nodes_of(rule.anchor):
+            if id(anchor) in consumed:
+                continue
+            label = node_label(anchor)
+            try:
+                found, why = match(rule.pattern, graph, rule.root(graph, anchor))
+                if found is None:
+                    raise Reject(why)
+                if any(id(n) in consumed for n in found.nodes):
+                    raise Reject("overlaps a fusion already made")
+                spec = rule.describe(graph, found)
+                rewrite = Rewrite(graph, rule.name)
+                emit(spec, rewrite)
+            except Reject as reject:
+                result.unfused.append(Unfused(label, rule.name, str(reject)))
+                continue
+            if apply:
+                rewrite.apply()
+            consumed.update(id(n) for n in found.nodes)
+            result.fused.append(Fused(rule.name, label, spec))
+    if apply and result.fused:
+        graph.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+    return result

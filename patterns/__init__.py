@@ -1,0 +1,5 @@
+"""The fusion rules, one module per fusion family (installed as onnx_fuse.patterns)."""
+
+from .attention import RULES as ATTENTION_RULES
+
+RULES = [*ATTENTION_RULES]

@@ -1,0 +1,193 @@
+"""Attention cores: softmax(scale · Q Kᵀ ⊕ mask) V.
+
+Who writes it which way:
+- Hugging Face eager attention (TorchScript and dynamo exports): MatMul(Q, Transpose(K)), the
+  scale as Mul (or Div by sqrt(d) in GPT-2 and BERT) on the scores, the mask added, Softmax
+  (with a Cast to float32 and back in some models), MatMul with V.
+- torch's scaled_dot_product_attention as the TorchScript exporter (symbolic_opset14) and the
+  dynamo exporter (torchlib) decompose it: Q and Kᵀ each multiplied by sqrt(scale), a boolean
+  mask turned into Where(mask, 0, -inf) and added.
+- Older code masks in place: Where(mask, scores, min) or Where(pad, min, scores).
+The scale may sit on the scores, on Q, on K before or after the transpose, or on both Q and K;
+all found factors multiply into Attention's `scale`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
+from onnx_fuse.pattern import Match, const, either, maybe, op, var
+from onnx_fuse.rewrite import Reject, Rule
+from onnx_fuse.specs import AttentionSpec, MaskSpec
+
+
+def _uniform(value: np.ndarray) -> bool:
+    flat = np.asarray(value).reshape(-1)
+    return flat.size > 0 and flat.dtype.kind == "f" and bool(np.all(flat == flat[0]))
+
+
+def scaled(x, name: str):
+    """x, x · c or x / c for a scalar constant c, captured as `name` or `name`_div."""
+    return either(
+        op.Mul(x, const(name, _uniform), commutative=True),
+        op.Div(x, const(name + "_div", _uniform)),
+        x,
+    )
+
+
+key_transposed = either(
+    op.Transpose(scaled(var("k"), "k_scale"), name="k_transpose"),
+    scaled(op.Transpose(var("k"), name="k_transpose"), "kt_scale"),
+    scaled(var("k_t"), "kt_scale"),  # K already laid out as [B, N, H, S]
+)
+scores = scaled(op.MatMul(scaled(var("q"), "q_scale"), key_transposed, name="qk"), "score_scale")
+scores_any_dtype = maybe("Cast", scores, name="scores_cast")
+masked_scores = either(
+    op.Add(scores_any_dtype, var("mask"), commutative=True, name="mask_op"),
+    op.Where(var("keep"), scores_any_dtype, const("keep_fill", _uniform), name="mask_op"),
+    op.Where(var("drop"), const("drop_fill", _uniform), scores_any_dtype, name="mask_op"),
+    scores_any_dtype,
+)
+probs = op.Softmax(maybe("Cast", masked_scores, name="softmax_in_cast"), name="softmax")
+attention = op.MatMul(maybe("Cast", probs, name="softmax_out_cast"), var("v"), name="pv")
+
+SCALE_CAPTURES = ("q_scale", "k_scale", "kt_scale", "score_scale")
+
+
+def attention_output(graph: Graph, softmax: Node) -> Tensor:
+    """From a Softmax anchor forward to the MatMul with V (through an optional Cast)."""
+    tensor = softmax.outputs[0]
+    users = graph.consumers(tensor)
+    if len(users) == 1 and users[0].op == "Cast":
+        tensor = users[0].outputs[0]
+        users = graph.consumers(tensor)
+    for user in users:
+        if user.op == "MatMul" and user.inputs[0] is tensor:
+            return user.outputs[0]
+    raise Reject("the softmax output is not multiplied with V by a MatMul")
+
+
+def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
+    softmax: Node = m["softmax"]
+    rank = graph.rank(softmax.inputs[0])
+    if rank is None:
+        raise Reject("the rank of the attention scores is unknown (no shape information)")
+    axis = softmax.attrs.get("axis", -1)
+    if axis not in (-1, rank - 1):
+        raise Reject(f"Softmax over axis {axis}, not the last axis")
+    _require_exclusive(graph, m)
+
+    q, v = m["q"], m["v"]
+    if "k" in m.captures:
+        perm = m["k_transpose"].attrs.get("perm") or list(reversed(range(rank)))
+        key, key_perm = m["k"], tuple(perm[i] for i in _swap_last_two(rank))
+    else:
+        key, key_perm = m["k_t"], tuple(_swap_last_two(rank))
+    ranks = {graph.rank(t) for t in (q, key, v)}
+    if ranks != {4}:
+        raise Reject(f"Q/K/V ranks are {sorted(r for r in ranks if r)}; only 4-D [batch, heads, seq, head] is fused")
+    if key_perm == (0, 1, 2, 3):
+        key_perm = None
+
+    q_shape = graph.shape(q)
+    k_shape = graph.shape(key)
+    k_shape = k_shape if key_perm is None else tuple(k_shape[i] for i in key_perm)
+    v_shape = graph.shape(v)
+    for what, a, b in (("batch", q_shape[0], k_shape[0]), ("batch", q_shape[0], v_shape[0]),
+                       ("head size", q_shape[3], k_shape[3]), ("K/V heads", k_shape[1], v_shape[1]),
+                       ("K/V length", k_shape[2], v_shape[2])):
+        if _differ(a, b):
+            raise Reject(f"Q/K/V {what} differ ({a} vs {b})")
+    q_heads, kv_heads = q_shape[1], k_shape[1]
+    if isinstance(q_heads, int) and isinstance(kv_heads, int) and q_heads % kv_heads:
+        raise Reject(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
+
+    dtypes = {onnx_dtype(t) for t in (q, key, v)}
+    if len(dtypes) != 1 or None in dtypes:
+        raise Reject("Q, K and V do not share one known float type")
+    dtype = dtypes.pop()
+    softmax_dtype = onnx_dtype(softmax.inputs[0])
+
+    return AttentionSpec(
+        query=q, key=key, key_perm=key_perm, value=v, output=m["pv"].outputs[0],
+        scale=_scale(m), mask=_mask(graph, m, dtype, softmax_dtype), dtype=dtype,
+        softmax_dtype=softmax_dtype if softmax_dtype != dtype else None,
+        q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
+    )
+
+
+def _swap_last_two(rank: int) -> list[int]:
+    return list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def _differ(a, b) -> bool:
+    """Provably different dims (unknown dims are not)."""
+    if a is None or b is None or a == b:
+        return False
+    return isinstance(a, int) and isinstance(b, int) or (a == 1 or b == 1)
+
+
+def _scale(m: Match) -> float:
+    scale = 1.0
+    for name in SCALE_CAPTURES:
+        if name in m.captures:
+            scale *= float(np.asarray(m[name]).reshape(-1)[0])
+        if name + "_div" in m.captures:
+            scale /= float(np.asarray(m[name + "_div"]).reshape(-1)[0])
+    return scale
+
+
+def _require_exclusive(graph: Graph, m: Match) -> None:
+    """Scores and probabilities must feed nothing but the attention (output_attentions would)."""
+    inside = {id(n) for n in m.nodes}
+    tensor = m["qk"].outputs[0]
+    while True:
+        users = graph.consumers(tensor)
+        outsiders = [u for u in users if id(u) not in inside]
+        if outsiders or graph.is_graph_output(tensor):
+            used_by = f"{outsiders[0].op} '{outsiders[0].name}'" if outsiders else "a graph output"
+            raise Reject(f"intermediate '{tensor.name}' is also used by {used_by}")
+        nxt = users[0]
+        if nxt is m["pv"]:
+            return
+        tensor = nxt.outputs[0]
+
+
+def _mask(graph: Graph, m: Match, dtype: int, softmax_dtype: int | None) -> MaskSpec | None:
+    scores_shape = graph.shape(m["qk"].outputs[0])
+    if "mask" in m.captures:
+        tensor = m["mask"]
+        if onnx_dtype(tensor) != dtype:
+            raise Reject("the additive mask's type differs from Q's")
+        spec = MaskSpec("additive", tensor)
+    elif "keep" in m.captures or "drop" in m.captures:
+        kind = "keep" if "keep" in m.captures else "drop"
+        fill = float(np.asarray(m[f"{kind}_fill"]).reshape(-1)[0])
+        if not fill <= -1e4:
+            raise Reject(f"Where fills masked scores with {fill}, not a large negative value")
+        tensor = m[kind]
+        if onnx_dtype(tensor) != 9:  # BOOL
+            raise Reject("the Where condition is not boolean")
+        spec = MaskSpec(kind, tensor, fill)
+    else:
+        return None
+    mask_shape = graph.shape(spec.tensor)
+    if mask_shape is None or len(mask_shape) > 4:
+        raise Reject("the mask's rank is unknown or above 4")
+    if scores_shape is not None:
+        for mask_dim, score_dim in zip(reversed(mask_shape), reversed(scores_shape)):
+            if isinstance(mask_dim, int) and mask_dim > 1 and score_dim == 1:
+                raise Reject("the mask broadcasts the scores to a larger shape")
+    return spec
+
+
+RULES = [
+    Rule(
+        name="attention",
+        anchor="Softmax",
+        pattern=attention,
+        root=attention_output,
+        describe=describe_attention,
+    )
+]

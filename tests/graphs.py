@@ -1,0 +1,125 @@
+"""Hand-built graphs for edge cases: attention written every way exporters write it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphBuilder:
+    """A tiny helper to write ONNX graphs as a sequence of ops."""
+
+    def __init__(self):
+        self.nodes, self.inputs, self.outputs, self.initializers = [], [], [], []
+        self._n = 0
+
+    def input(self, name, dtype, shape):
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def const(self, value, dtype=np.float32):
+        name = f"c{self._n}"
+        self._n += 1
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type, *inputs, **attrs):
+        name = f"t{self._n}"
+        self._n += 1
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=f"n{self._n}", **attrs))
+        return name
+
+    def model(self, output, opset=23, dtype=TensorProto.FLOAT):
+        self.outputs = [helper.make_tensor_value_info(output, dtype, None)]
+        graph = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 10
+        return model
+
+
+def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", mask=None,
+                    casts=False, heads=4, kv_heads=4, head=8, opset=23, mask_rank=4,
+                    probs_as_output=False, softmax_axis=-1):
+    """softmax(scale Q Kᵀ + mask) V with Q [B, heads, S, head] and K/V [B, kv_heads, T, head].
+
+    scale_on: "scores", "q", "k" (before the transpose), "kt" (after), "both" (sqrt on Q and Kᵀ),
+    "none". k_layout: "transpose" (K input [B,N,T,H], Transpose perm 0,1,3,2), "bsnh" (K input
+    [B,T,N,H], one Transpose perm 0,2,3,1), "pretransposed" (K input already [B,N,H,T]).
+    mask: None, "additive", "keep" (Where(m, s, -inf)), "keep_finite" (finfo.min fill),
+    "drop" (Where(pad, min, s)), "padding" (additive [B,1,1,T]).
+    """
+    g = GraphBuilder()
+    scale = 1 / np.sqrt(head)
+    q = g.input("q", TensorProto.FLOAT, ["B", heads, "S", head])
+    if k_layout == "transpose":
+        k = g.input("k", TensorProto.FLOAT, ["B", kv_heads, "T", head])
+    elif k_layout == "bsnh":
+        k = g.input("k", TensorProto.FLOAT, ["B", "T", kv_heads, head])
+    else:
+        k = g.input("k", TensorProto.FLOAT, ["B", kv_heads, head, "T"])
+    v = g.input("v", TensorProto.FLOAT, ["B", kv_heads, "T", head])
+
+    def apply(x, factor):
+        if scale_op == "Mul":
+            return g.op("Mul", x, g.const(factor))
+        return g.op("Div", x, g.const(1 / factor))
+
+    if scale_on == "q":
+        q = apply(q, scale)
+    if scale_on == "both":
+        q = apply(q, np.sqrt(scale))
+    if scale_on == "k":
+        k = apply(k, scale)
+    if k_layout == "transpose":
+        kt = g.op("Transpose", k, perm=[0, 1, 3, 2])
+    elif k_layout == "bsnh":
+        kt = g.op("Transpose", k, perm=[0, 2, 3, 1])
+    else:
+        kt = k
+    if scale_on == "kt":
+        kt = apply(kt, scale)
+    if scale_on == "both":
+        kt = apply(kt, np.sqrt(scale))
+    s = g.op("MatMul", q, kt)
+    if scale_on == "scores":
+        s = apply(s, scale)
+    if casts:
+        s = g.op("Cast", s, to=TensorProto.FLOAT)
+    if mask == "additive":
+        shape = ["B", 1, "S", "T"][4 - mask_rank:]
+        s = g.op("Add", s, g.input("mask", TensorProto.FLOAT, shape))
+    elif mask == "padding":
+        s = g.op("Add", g.input("mask", TensorProto.FLOAT, ["B", 1, 1, "T"]), s)
+    elif mask in ("keep", "keep_finite"):
+        fill = -np.inf if mask == "keep" else np.finfo(np.float32).min
+        s = g.op("Where", g.input("mask", TensorProto.BOOL, ["B", 1, "S", "T"]), s, g.const(fill))
+    elif mask == "drop":
+        fill = np.finfo(np.float32).min
+        s = g.op("Where", g.input("mask", TensorProto.BOOL, ["B", 1, "S", "T"]), g.const(fill), s)
+    p = g.op("Softmax", s, axis=softmax_axis)
+    if casts:
+        p = g.op("Cast", p, to=TensorProto.FLOAT)
+    out = g.op("MatMul", p, v)
+    model = g.model(out, opset=opset)
+    if probs_as_output:
+        model.graph.output.append(helper.make_tensor_value_info(p, TensorProto.FLOAT, None))
+    return model
+
+
+def random_inputs(model: onnx.ModelProto, sizes=None, seed=0):
+    """Inputs for hand-built graphs: symbolic dims from `sizes`, masks with one padded key."""
+    sizes = {"B": 2, "S": 3, "T": 5, **(sizes or {})}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else sizes[d.dim_param]
+                for d in value.type.tensor_type.shape.dim]
+        if value.type.tensor_type.elem_type == TensorProto.BOOL:
+            keep = np.ones(dims, dtype=bool)
+            keep[..., 0] = False  # every row keeps at least one key
+            keep[0] = True
+            feeds[value.name] = keep
+        else:
+            feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
