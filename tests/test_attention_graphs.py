@@ -1,0 +1,125 @@
+"""Attention fusion on hand-built graphs: every placement of the scale, K layout and mask kind
+fuses to one Attention node that computes the same thing; near-misses stay unfused with a reason."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnx_fuse
+from graphs import attention_model, random_inputs
+
+
+def run(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def attention_nodes(model):
+    return [n for n in model.graph.node if n.op_type == "Attention"]
+
+
+def assert_fused_and_equal(model, sizes=None, **expect):
+    feeds = random_inputs(model, sizes)
+    result = onnx_fuse.fuse(model, check=True, inputs=feeds)
+    assert result.report["counts"] == {"attention": 1}, result.report["unfused"]
+    assert result.report["check"]["passed"]
+    nodes = attention_nodes(result.model)
+    assert len(nodes) == 1
+    assert not any(n.op_type in ("Softmax", "MatMul") for n in result.model.graph.node)
+    np.testing.assert_allclose(run(result.model, feeds), run(model, feeds), rtol=1e-4, atol=1e-5)
+    fused = result.report["fused"][0]
+    for key, value in expect.items():
+        assert fused[key] == pytest.approx(value), key
+    return result
+
+
+@pytest.mark.parametrize("scale_on", ["scores", "q", "k", "kt", "both", "none"])
+@pytest.mark.parametrize("scale_op", ["Mul", "Div"])
+def test_every_scale_placement(scale_on, scale_op):
+    model = attention_model(scale_on=scale_on, scale_op=scale_op)
+    expected = 1.0 if scale_on == "none" else 1 / np.sqrt(8)
+    result = assert_fused_and_equal(model, scale=expected)
+    scale = onnx.helper.get_attribute_value(attention_nodes(result.model)[0].attribute[0])
+    assert scale == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("k_layout", ["transpose", "bsnh", "pretransposed"])
+def test_key_layouts(k_layout):
+    result = assert_fused_and_equal(attention_model(k_layout=k_layout))
+    transposes = [n for n in result.model.graph.node if n.op_type == "Transpose"]
+    # K already [B, N, T, H] needs no transpose; the other layouts need exactly one.
+    assert len(transposes) == (0 if k_layout == "transpose" else 1)
+
+
+@pytest.mark.parametrize("mask", ["additive", "keep", "keep_finite", "drop", "padding"])
+def test_mask_kinds(mask):
+    kind = {"padding": "additive", "keep_finite": "keep"}.get(mask, mask)
+    result = assert_fused_and_equal(attention_model(mask=mask), mask=kind)
+    assert len(attention_nodes(result.model)[0].input) == 4
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_mask_of_lower_rank_is_made_4d(rank):
+    result = assert_fused_and_equal(attention_model(mask="additive", mask_rank=rank))
+    mask_input = attention_nodes(result.model)[0].input[3]
+    inferred = onnx.shape_inference.infer_shapes(result.model)
+    shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.value_info}
+    assert len(shapes[mask_input].dim) == 4
+
+
+def test_fully_masked_rows_stay_uniform_like_the_original():
+    # Hugging Face masks with the lowest float; a query row whose keys are all masked gets a
+    # uniform softmax in the original, and must in the fused model too.
+    model = attention_model(mask="additive")
+    feeds = random_inputs(model)
+    feeds["mask"][1, 0, 0, :] = np.finfo(np.float32).min
+    result = onnx_fuse.fuse(model, check=True, inputs=feeds)
+    assert result.report["counts"] == {"attention": 1}
+    np.testing.assert_allclose(run(result.model, feeds), run(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_casts_around_softmax():
+    assert_fused_and_equal(attention_model(casts=True, mask="additive"))
+
+
+def test_single_kv_head_broadcast_is_multi_query():
+    # MatMul broadcasting one K/V head over all query heads is multi-query attention.
+    assert_fused_and_equal(attention_model(kv_heads=1), kv_heads=1, q_heads=4)
+
+
+def test_opset_17_is_raised_to_23():
+    result = assert_fused_and_equal(attention_model(opset=17, mask="additive"))
+    assert result.report["opset"] == {"from": 17, "to": 23}
+    assert {o.version for o in result.model.opset_import if o.domain == ""} == {23}
+
+
+def test_fused_node_records_its_rule():
+    result = assert_fused_and_equal(attention_model())
+    node = attention_nodes(result.model)[0]
+    assert {p.key: p.value for p in node.metadata_props}["onnx_fuse.rule"] == "attention"
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        (dict(probs_as_output=True), "also used by a graph output"),
+        (dict(softmax_axis=2), "not the last axis"),
+    ],
+)
+def test_near_misses_are_left_alone_with_a_reason(kwargs, reason):
+    model = attention_model(**kwargs)
+    result = onnx_fuse.fuse(model, check=True, inputs=random_inputs(model))
+    assert result.report["counts"] == {}
+    assert not result.changed
+    assert result.model is not None and not attention_nodes(result.model)
+    (miss,) = result.report["unfused"]
+    assert miss["pattern"] == "attention" and reason in miss["reason"]
+    assert miss["anchor"].startswith("Softmax")
+
+
+def test_nothing_to_fuse_passes_through_unchanged():
+    model = attention_model(softmax_axis=2, opset=17)
+    result = onnx_fuse.fuse(model)
+    assert result.model.SerializeToString() == model.SerializeToString()
+    assert result.report["opset"] == {"from": 17, "to": 17}
