@@ -127,13 +127,18 @@ def _session(model: ModelRef) -> onnxruntime.InferenceSession:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", os.path.abspath(model.base_dir)
         )
-    return ort.InferenceSession(model.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
-def _run(session: onnxruntime.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _run(
+    session: onnxruntime.InferenceSession, inputs: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     # Going through OrtValue is what lets bfloat16 in and out: the numpy path of
     # onnxruntime rejects ml_dtypes.bfloat16 arrays and cannot return bfloat16 outputs.
-    feed = {meta.name: _to_ort(inputs[meta.name]) for meta in session.get_inputs() if meta.name in inputs}
+    declared = [meta.name for meta in session.get_inputs()]
+    feed = {name: _to_ort(inputs[name]) for name in declared if name in inputs}
     values = session.run_with_ort_values(None, feed)
     return {meta.name: _from_ort(value) for meta, value in zip(session.get_outputs(), values)}
 
@@ -143,7 +148,9 @@ def _to_ort(array: np.ndarray) -> onnxruntime.OrtValue:
 
     array = np.require(array, requirements="C")
     if array.dtype == _BF16:
-        return OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
+        return OrtValue.ortvalue_from_numpy_with_onnx_type(
+            array.view(np.uint16), TensorProto.BFLOAT16
+        )
     return OrtValue.ortvalue_from_numpy(array)
 
 
@@ -176,9 +183,11 @@ class _Input:
     table_rows: int | None  # rows of the constant table this input indexes via Gather
 
 
-def _synthesize(model: ModelRef, batch: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """Synthesize inputs; also return the reference outputs when finding the inputs needed
-    running the model, so the caller need not run it again."""
+def _synthesize(
+    model: ModelRef, batch: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Synthesize inputs, plus the model's outputs on them when finding them took running
+    the model, so that a caller need not run it again."""
     specs = _input_specs(model.model)
     fixed, past, choices = _plan_dims(specs, batch)
     assignments = [
@@ -187,7 +196,10 @@ def _synthesize(model: ModelRef, batch: int, seed: int) -> tuple[dict[str, np.nd
     ]
     if len(assignments) == 1:
         return _fill(specs, assignments[0], past, seed), None
-    session = _session(model)
+    try:
+        session = _session(model)
+    except Exception as e:
+        raise CheckError(f"reference model failed to load: {_one_line(e)}") from e
     errors = []
     for values in assignments:
         try:
@@ -212,6 +224,7 @@ def _input_specs(model: onnx.ModelProto) -> list[_Input]:
         if not value.type.HasField("tensor_type"):
             raise CheckError(f"cannot synthesize input '{value.name}': not a tensor")
         tensor_type = value.type.tensor_type
+        # No shape at all reads as a scalar; unknown dims become symbols of their own.
         dims = [
             dim.dim_value if dim.dim_value > 0 else dim.dim_param or f"?{value.name}:{axis}"
             for axis, dim in enumerate(tensor_type.shape.dim)
@@ -231,7 +244,8 @@ def _kind(spec: _Input) -> str:
         return "position"
     if integer and spec.table_rows is not None:
         return "ids"
-    if len(spec.dims) == 2 and (spec.dtype.kind in "iub" or (_is_float(spec.dtype) and "mask" in name)):
+    mask_typed = spec.dtype.kind in "iub" or (_is_float(spec.dtype) and "mask" in name)
+    if len(spec.dims) == 2 and mask_typed:
         return "mask"
     if spec.dtype.kind == "b":
         return "bool"
@@ -255,7 +269,9 @@ def _gather_table_rows(graph: onnx.GraphProto) -> dict[str, int]:
             consumers[name].append((node, index))
 
     def table_shape(name: str) -> list[int] | None:
-        while name not in shapes and name in producer and producer[name].op_type in _TABLE_PASSTHROUGH:
+        while name not in shapes and name in producer:
+            if producer[name].op_type not in _TABLE_PASSTHROUGH:
+                return None
             name = producer[name].input[0]
         return shapes.get(name)
 
@@ -265,9 +281,10 @@ def _gather_table_rows(graph: onnx.GraphProto) -> dict[str, int]:
             for node, index in consumers[pending.pop()]:
                 if node.op_type in _INDEX_PASSTHROUGH and index == 0:
                     pending.append(node.output[0])
-                elif node.op_type == "Gather" and index == 1 and (shape := table_shape(node.input[0])):
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                    found.append(shape[axis])
+                elif node.op_type == "Gather" and index == 1:
+                    if shape := table_shape(node.input[0]):
+                        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                        found.append(shape[axis])
         return min(found, default=None)
 
     return {value.name: r for value in graph.input if (r := rows(value.name)) is not None}
@@ -294,7 +311,8 @@ def _plan_dims(
                 fixed[dims[2]] = fixed[dims[3]] = _IMAGE_SIDE
 
     def free_symbols(group: Iterable[_Input]) -> list[str]:
-        symbols = (sym for s in group for d in s.dims if isinstance(d, str) for sym in _symbols(d))
+        dims = (d for s in group for d in s.dims if isinstance(d, str))
+        symbols = (sym for d in dims for sym in _symbols(d))
         return [sym for sym in dict.fromkeys(symbols) if sym not in fixed]
 
     # The sequence length comes from token ids if possible, never from a mask alone: a
@@ -304,9 +322,8 @@ def _plan_dims(
     if unmasked:
         fixed[unmasked[0]] = seq = _SEQ
     else:  # e.g. a decode-step export with input_ids fixed to [batch, 1]
-        seq = next(
-            (s.dims[-1] for s in ordered if s.kind in ("ids", "position") and isinstance(s.dims[-1], int)), _SEQ
-        )
+        lengths = (s.dims[-1] for s in ordered if s.kind in ("ids", "position"))
+        seq = next((n for n in lengths if isinstance(n, int)), _SEQ)
 
     mask_symbols = set(free_symbols(s for s in specs if s.kind == "mask"))
     used = {batch, past, seq, past + seq}
@@ -338,7 +355,9 @@ def _with_sum(sizes: list[int], budget: int) -> Iterator[tuple[int, ...]]:
             yield (first, *rest)
 
 
-def _fill(specs: list[_Input], values: dict[str, int], past: int, seed: int) -> dict[str, np.ndarray]:
+def _fill(
+    specs: list[_Input], values: dict[str, int], past: int, seed: int
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     # Positions last: they are derived from the mask.
@@ -376,7 +395,8 @@ def _mask(shape: tuple[int, ...], past: int) -> np.ndarray:
 def _positions(shape: tuple[int, ...], mask: np.ndarray | None, past: int) -> np.ndarray:
     """Position ids as a generation loop computes them from the mask: cumsum(mask) - 1."""
     length = shape[-1]
-    if mask is not None and len(shape) == 2 and mask.shape[0] == shape[0] and mask.shape[1] >= length:
+    usable = mask is not None and len(shape) == 2 and mask.shape[0] == shape[0]
+    if usable and mask.shape[1] >= length:
         return np.maximum(np.cumsum(mask.astype(np.int64), axis=1) - 1, 0)[:, -length:]
     return np.broadcast_to(np.arange(past, past + length), shape)
 
@@ -476,7 +496,7 @@ def check_equivalent(
     except Exception as e:  # onnxruntime raises many unrelated exception types
         return CheckResult(
             passed=False,
-            outputs={name: OutputDiff(math.inf, math.inf, False) for name in reference_outputs},
+            outputs={name: _incomparable() for name in reference_outputs},
             message=f"candidate failed to run: {_one_line(e)}",
         )
 
@@ -484,7 +504,7 @@ def check_equivalent(
     problems: list[str] = []
     for name, expected in reference_outputs.items():
         if name not in candidate_outputs:
-            diffs[name] = OutputDiff(math.inf, math.inf, False)
+            diffs[name] = _incomparable()
             problems.append(f"output '{name}' is missing from the candidate")
             continue
         diffs[name], problem = _compare(candidate_outputs[name], expected)
@@ -492,8 +512,7 @@ def check_equivalent(
             problems.append(f"output '{name}' differs: {problem}")
 
     if not problems:
-        count = len(diffs)
-        message = f"all {count} output{'s' if count != 1 else ''} agree"
+        message = f"all {len(diffs)} outputs agree" if len(diffs) != 1 else "the 1 output agrees"
     else:
         message = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
     return CheckResult(passed=not problems, outputs=diffs, message=message)
@@ -502,9 +521,9 @@ def check_equivalent(
 def _compare(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff, str | None]:
     """Diff of one output and, if it fails, why (for the message)."""
     if actual.shape != expected.shape:
-        return OutputDiff(math.inf, math.inf, False), f"shape {actual.shape} vs reference {expected.shape}"
+        return _incomparable(), f"shape {actual.shape} vs reference {expected.shape}"
     if actual.dtype != expected.dtype:
-        return OutputDiff(math.inf, math.inf, False), f"dtype {actual.dtype} vs reference {expected.dtype}"
+        return _incomparable(), f"dtype {actual.dtype} vs reference {expected.dtype}"
 
     a, b = actual.astype(np.float64), expected.astype(np.float64)
     finite = np.isfinite(a) & np.isfinite(b)
@@ -540,7 +559,9 @@ def load_inputs_npz(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # np.load raises OSError, ValueError, EOFError, zip errors...
         raise ValueError(f"cannot read inputs from {path}: {_one_line(e)}") from e
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"cannot read inputs from {path}: expected an .npz archive of named arrays, got a single array")
+        raise ValueError(
+            f"cannot read inputs from {path}: expected an .npz archive of named arrays, not one array"
+        )
     with archive:
         try:
             inputs = {name: archive[name] for name in archive.files}
@@ -549,6 +570,11 @@ def load_inputs_npz(path: str) -> dict[str, np.ndarray]:
     if not inputs:
         raise ValueError(f"cannot read inputs from {path}: the archive holds no arrays")
     return inputs
+
+
+def _incomparable() -> OutputDiff:
+    """The diff of an output that cannot be compared at all (missing, wrong shape...)."""
+    return OutputDiff(math.inf, math.inf, False)
 
 
 def _is_float(dtype: np.dtype) -> bool:
