@@ -20,10 +20,12 @@ Usage::
     python models/export.py [--out models/] [--only NAME ...] [--exporters torchscript dynamo]
                             [--attn eager sdpa] [--no-verify] [--no-export]
 
-To add an architecture, add a ``ModelSpec`` to ``REGISTRY`` (see the bottom of
-the "Registry" section).  Decoder specs get a prefill and a decode variant
-automatically; encoder specs take ``input_kind`` "text" (input_ids +
-attention_mask [+ token_type_ids]) or "image" (pixel_values).
+To add an architecture, add a ``ModelSpec`` to ``REGISTRY`` (see the
+"Registry" section).  Decoder specs list kinds ("prefill", "decode"); encoder
+specs use kind "encoder" with ``input_kind`` "text" (input_ids + attention_mask)
+or "image" (pixel_values).  Combinations that cannot be exported are recorded in
+the manifest's ``skipped`` list (automatically on exception, or declared via
+``known_skips``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -47,14 +50,13 @@ from torch import nn
 import transformers
 from transformers import DynamicCache
 
-import logging
-
 # "torchvision is not installed. Skipping torchvision::nms" etc.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 TORCHSCRIPT_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
 TOL = 1e-3  # max abs diff ONNX Runtime vs PyTorch
 SEED = 1234
 
@@ -92,6 +94,10 @@ class ModelSpec:
     notes: str = ""
     # Optional hook returning extra ground-truth fields (e.g. sliding_window) from the config.
     extra_truth: Callable[[Any], dict] | None = None
+    # Built by a plain `export.py` run; False = only with --only NAME (opt-in extras).
+    in_default_set: bool = True
+    # (kind, attn_impl, exporter) -> reason, for combinations known not to export.
+    known_skips: dict[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
     # Optional override of the attention scale (default 1/sqrt(head_size)), e.g. Gemma 2's
     # query_pre_attn_scalar.
     attention_scale: Callable[[Any], float] | None = None
@@ -174,6 +180,22 @@ def _qwen2_config(attn_impl):
     )
 
 
+def _qwen3_config(attn_impl):
+    return transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=Q_HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=MAX_POS,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        attn_implementation=attn_impl,
+    )
+
+
 def _gpt2_config(attn_impl):
     return transformers.GPT2Config(
         vocab_size=VOCAB,
@@ -231,6 +253,18 @@ REGISTRY: list[ModelSpec] = [
         causal=True,
         position_embedding="rope",
         notes="q/k/v projections have bias",
+    ),
+    ModelSpec(
+        name="qwen3-gqa",
+        arch="qwen3",
+        make_config=_qwen3_config,
+        model_cls=transformers.Qwen3ForCausalLM,
+        kinds=("prefill", "decode"),
+        causal=True,
+        position_embedding="rope",
+        notes="per-head RMSNorm on q and k (q_norm/k_norm) before RoPE, no qkv bias",
+        extra_truth=lambda c: {"qk_norm": True},
+        in_default_set=False,  # opt-in (--only qwen3-gqa): keeps the committed set under ~20 MB
     ),
     ModelSpec(
         name="gpt2",
@@ -372,6 +406,16 @@ def output_names(spec: ModelSpec, cfg, kind: str) -> list[str]:
         for i in range(_cfg_get(cfg, "num_hidden_layers", "n_layer")):
             names += [f"present.{i}.key", f"present.{i}.value"]
     return names
+
+
+DYNAMIC_AXES_DOC = {
+    "batch": "dim 0 of every input/output",
+    "sequence_length": "new tokens this call (input_ids dim 1; prefill/encoder attention_mask dim 1; logits dim 1)",
+    "past_sequence_length": "decode: past_key_values.* dim 2",
+    "total_sequence_length": "decode: attention_mask dim 1 and present.* dim 2 (= past + sequence); the dynamo "
+                             "exporter names present.* dim 2 'past_sequence_length + sequence_length'",
+    "image models": "only batch is dynamic (image size fixed by the config)",
+}
 
 
 def dynamic_axes_ts(input_names, out_names, kind, input_kind) -> dict:
@@ -581,7 +625,7 @@ def verify_one(spec: ModelSpec, kind: str, attn: str, path: str) -> dict:
     import onnx
     import onnxruntime as ort
 
-    onnx.checker.check_model(path)
+    onnx.checker.check_model(path, full_check=True)
     model, cfg = build_model(spec, attn)
     wrapper = wrap(spec, model, kind)
     so = ort.SessionOptions()
@@ -625,11 +669,15 @@ def verify_one(spec: ModelSpec, kind: str, attn: str, path: str) -> dict:
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
+def _fmt_shape(d: dict) -> str:
+    return "x".join(f"{k}{v}" for k, v in d.items())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--only", nargs="*", default=None, help="spec names to (re)build")
-    ap.add_argument("--exporters", nargs="*", default=["torchscript", "dynamo"])
+    ap.add_argument("--exporters", nargs="*", default=list(EXPORTERS), choices=EXPORTERS)
     ap.add_argument("--attn", nargs="*", default=None, help="restrict attention implementations")
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--no-export", action="store_true", help="only verify files listed in the manifest")
@@ -640,13 +688,15 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     manifest_path = os.path.join(args.out, "manifest.json")
     manifest = {"files": {}, "skipped": []}
-    if os.path.exists(manifest_path):
+    full_run = args.only is None and args.attn is None and set(args.exporters) == set(EXPORTERS)
+    # A full export run rebuilds the manifest from scratch; partial runs update it in place.
+    if os.path.exists(manifest_path) and (args.no_export or not full_run):
         with open(manifest_path) as f:
             manifest = json.load(f)
         manifest.setdefault("files", {})
         manifest.setdefault("skipped", [])
 
-    specs = [s for s in REGISTRY if args.only is None or s.name in args.only]
+    specs = [s for s in REGISTRY if (s.in_default_set if args.only is None else s.name in args.only)]
     if args.only:
         unknown = set(args.only) - {s.name for s in REGISTRY}
         if unknown:
@@ -666,6 +716,12 @@ def main(argv=None):
             fname = file_name(spec, kind, attn, exporter)
             manifest["files"].pop(fname, None)
             manifest["skipped"] = [s for s in manifest["skipped"] if s["file"] != fname]
+            known = spec.known_skips.get((kind, attn, exporter))
+            if known:
+                print(f"[skip] {fname}: {known} (known)", flush=True)
+                manifest["skipped"].append(dict(file=fname, spec=spec.name, arch=spec.arch, kind=kind,
+                                                attn_implementation=attn, exporter=exporter, reason=known))
+                continue
             t0 = time.time()
             buf = io.StringIO()
             try:
@@ -677,12 +733,14 @@ def main(argv=None):
                 print(f"[skip] {fname}: {reason}", flush=True)
                 if args.verbose:
                     traceback.print_exc()
-                manifest["skipped"].append(dict(file=fname, arch=spec.arch, kind=kind, attn_implementation=attn,
-                                                exporter=exporter, reason=reason))
+                manifest["skipped"].append(dict(file=fname, spec=spec.name, arch=spec.arch, kind=kind,
+                                                attn_implementation=attn, exporter=exporter, reason=reason))
                 continue
             _, cfg = build_model(spec, attn)
-            entry = ground_truth(spec, cfg, kind)
+            entry = {"spec": spec.name, **ground_truth(spec, cfg, kind)}
             entry.update(exporter=exporter, opset=info["opset"], inputs=info["inputs"], outputs=info["outputs"])
+            if exporter == "dynamo":
+                entry["dynamo_optimize"] = True
             if info["native_attention_ops"]:
                 entry["native_attention_ops"] = info["native_attention_ops"]
             if spec.notes:
@@ -700,10 +758,13 @@ def main(argv=None):
         "python": sys.version.split()[0],
     }
     manifest["torchscript_opset"] = TORCHSCRIPT_OPSET
+    manifest["dynamo_opsets"] = sorted({e["opset"] for e in manifest["files"].values() if e["exporter"] == "dynamo"})
     manifest["seed"] = SEED
+    manifest["dynamic_axes"] = DYNAMIC_AXES_DOC
     manifest["files"] = dict(sorted(manifest["files"].items()))
     manifest["skipped"] = sorted(manifest["skipped"], key=lambda s: s["file"])
-    ordered = {k: manifest[k] for k in ("versions", "torchscript_opset", "seed", "files", "skipped")}
+    keys = ("versions", "torchscript_opset", "dynamo_opsets", "seed", "dynamic_axes", "files", "skipped")
+    ordered = {k: manifest[k] for k in keys}
     with open(manifest_path, "w") as f:
         json.dump(ordered, f, indent=2)
         f.write("\n")
@@ -713,7 +774,7 @@ def main(argv=None):
     by_name = {s.name: s for s in REGISTRY}
     rows = []
     for fname, entry in manifest["files"].items():
-        spec_name = fname.split("_")[0]
+        spec_name = entry.get("spec", fname.split("_")[0])
         if spec_name not in by_name or (args.only and spec_name not in args.only):
             continue
         spec = by_name[spec_name]
@@ -741,7 +802,12 @@ def main(argv=None):
         status = "OK" if res["ok"] else "FAIL " + res.get("error", "")
         n_fail += not res["ok"]
         print(f"{fname:52} {entry['opset']:>5} {size:6.0f}  {diffs:34} {status}")
-    print(f"\n{len(rows)} verified, {n_fail} failed, {len(manifest['skipped'])} skipped")
+    print(f"\nchecks: {' | '.join(f'{k}: ' + ', '.join(_fmt_shape(x) for x in [VERIFY[k]] + VERIFY_EXTRA.get(k, [])) for k in VERIFY)}")
+    print("values are max |onnxruntime - torch| over all outputs; [pad X] = diff on rows of left-padding query")
+    print("positions (undefined: fully masked softmax row), excluded from the comparison")
+    for sk in manifest["skipped"]:
+        print(f"skipped {sk['file']}: {sk['reason']}")
+    print(f"{len(rows)} verified, {n_fail} failed, {len(manifest['skipped'])} skipped")
     return 1 if n_fail else 0
 
 

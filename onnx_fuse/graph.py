@@ -6,6 +6,7 @@ matcher needs, each computed once so that a pass over the graph stays linear.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from typing import Callable
 
@@ -32,6 +33,8 @@ class Graph:
         self._output_ids = {id(t) for t in self.gs.outputs}
         self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
         self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
+        self._shapes: dict[int, tuple] = {}
+        self._refine_shapes()
 
     # --- structure -------------------------------------------------------------------------
 
@@ -64,15 +67,38 @@ class Graph:
 
     # --- types and shapes ------------------------------------------------------------------
 
-    @staticmethod
-    def shape(tensor: Tensor) -> tuple | None:
-        """Dims as ints (static), strings (symbolic) or None (unknown); None if rank unknown."""
-        shape = tensor.shape
-        return None if shape is None else tuple(shape)
+    def shape(self, tensor: Tensor) -> tuple | None:
+        """Dims as ints (static), strings (symbolic) or None (unknown); None if rank unknown.
+        Shape inference's answer, with dims it left symbolic filled in from the graph's own
+        constants (e.g. the head count in a Reshape whose target shape is computed)."""
+        refined = self._shapes.get(id(tensor))
+        if refined is not None:
+            return refined
+        return None if tensor.shape is None else tuple(tensor.shape)
 
-    @staticmethod
-    def rank(tensor: Tensor) -> int | None:
-        return None if tensor.shape is None else len(tensor.shape)
+    def rank(self, tensor: Tensor) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def _refine_shapes(self) -> None:
+        """One forward pass in graph order: static dims that shape inference missed."""
+        for node in self.gs.nodes:
+            if len(node.outputs) != 1:
+                continue
+            try:
+                derived = _derive_shape(self, node)
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+                derived = None
+            if derived is None:
+                continue
+            out = node.outputs[0]
+            inferred = out.shape
+            if inferred is not None:
+                if len(inferred) != len(derived):
+                    continue
+                derived = [i if isinstance(i, int) or not isinstance(d, int) and i is not None
+                           else d for i, d in zip(inferred, derived)]
+            self._shapes[id(out)] = tuple(derived)
 
     @staticmethod
     def dtype(tensor: Tensor):
@@ -105,8 +131,9 @@ class Graph:
             return None
         return float(first)
 
-    def dims(self, tensor: Tensor) -> list[int | None] | None:
-        """A 1-D int tensor's elements where known: shape vectors built from partly dynamic shapes."""
+    def dims(self, tensor: Tensor) -> list[int | str | None] | None:
+        """A 1-D int tensor's elements where known (symbolic dims by name): shape vectors built
+        from partly dynamic shapes."""
         value = self.value(tensor)
         if value is not None:
             return [int(v) for v in value.reshape(-1)]
@@ -119,7 +146,17 @@ class Graph:
                 return None
             start = node.attrs.get("start", 0)
             end = node.attrs.get("end", len(shape))
-            return [d if isinstance(d, int) else None for d in shape[slice(start, end)]]
+            return list(shape[slice(start, end)])
+        if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+            return self.dims(node.inputs[0])  # scalars and 1-D vectors keep their elements
+        if node.op in ("Mul", "Add", "Sub") and all(self.dims(t) for t in node.inputs):
+            a, b = (self.dims(t) for t in node.inputs)
+            if len(a) == len(b) or 1 in (len(a), len(b)):
+                fn = {"Mul": operator.mul, "Add": operator.add, "Sub": operator.sub}[node.op]
+                n = max(len(a), len(b))
+                a, b = a * n if len(a) == 1 else a, b * n if len(b) == 1 else b
+                return [fn(x, y) if isinstance(x, int) and isinstance(y, int) else None
+                        for x, y in zip(a, b)]
         if node.op == "Concat":
             parts = [self.dims(t) for t in node.inputs]
             return None if any(p is None for p in parts) else [d for p in parts for d in p]
@@ -147,7 +184,7 @@ class Graph:
             return _constant_node_value(node)
         if node.op in ("Shape", "Gather", "Slice", "Concat") and _is_int_vector(tensor):
             dims = self.dims(tensor)
-            if dims is not None and all(d is not None for d in dims):
+            if dims is not None and all(isinstance(d, int) for d in dims):
                 return np.array(dims, dtype=np.int64)
             if node.op == "Shape":
                 return None
@@ -164,6 +201,78 @@ class Graph:
                 return None
             inputs.append(v)
         return np.asarray(folder(node, inputs))
+
+
+_SAME_SHAPE = {"Cast", "Neg", "Sqrt", "Relu", "Softmax", "Identity", "Tanh", "Sigmoid", "Exp",
+               "Erf", "Not", "IsNaN", "IsInf", "Reciprocal", "CastLike", "Abs", "Log", "Sin", "Cos"}
+_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "And", "Or", "Equal", "Less",
+              "LessOrEqual", "Greater", "GreaterOrEqual", "Where", "Xor", "Mod"}
+
+
+def _broadcast(shapes: list[tuple]) -> tuple:
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        big = [d for d in dims if isinstance(d, int) and d != 1]
+        if big:
+            out.append(big[0])
+        elif all(d == 1 for d in dims):
+            out.append(1)
+        else:
+            out.append(next(d for d in dims if d != 1))
+    return tuple(out)
+
+
+def _inferred_dim(source: list, known: list) -> int | None:
+    """The -1 of a Reshape: the source volume over the known target dims, symbols cancelling."""
+    if None in source or None in known:
+        return None
+    symbols = sorted(str(d) for d in source if not isinstance(d, int))
+    if symbols != sorted(str(d) for d in known if not isinstance(d, int)):
+        return None
+    numerator = int(np.prod([d for d in source if isinstance(d, int)], dtype=np.int64))
+    denominator = int(np.prod([d for d in known if isinstance(d, int)], dtype=np.int64))
+    if denominator <= 0 or numerator % denominator:
+        return None
+    return numerator // denominator
+
+
+def _derive_shape(graph: Graph, node: Node) -> tuple | None:
+    """An output shape from the input shapes and the constant operands, for the ops that carry
+    head counts and head sizes through exported attention."""
+    shapes = [graph.shape(t) if t.name else None for t in node.inputs]
+    if node.op in _SAME_SHAPE:
+        return shapes[0]
+    if node.op in _BROADCAST:
+        return None if any(s is None for s in shapes) else _broadcast(shapes)
+    if node.op == "Transpose" and shapes[0] is not None:
+        perm = node.attrs.get("perm") or list(reversed(range(len(shapes[0]))))
+        return tuple(shapes[0][p] for p in perm)
+    if node.op == "MatMul" and shapes[0] is not None and shapes[1] is not None:
+        a, b = shapes
+        if len(a) >= 2 and len(b) >= 2:
+            return _broadcast([a[:-2], b[:-2]]) + (a[-2], b[-1])
+        return None
+    if node.op == "Reshape":
+        target = graph.dims(node.inputs[1])
+        if target is None:
+            return None
+        source = shapes[0]
+        allow_zero = node.attrs.get("allowzero", 0)
+        out = []
+        for i, d in enumerate(target):
+            if d == 0 and not allow_zero:
+                out.append(source[i] if source is not None and i < len(source) else None)
+            else:
+                out.append(None if d is None or isinstance(d, int) and d < 0 else d)
+        if -1 in target and source is not None:
+            out[target.index(-1)] = _inferred_dim(list(source), [d for d in out if d is not None])
+        return tuple(out)
+    if node.op == "Expand" and shapes[0] is not None:
+        target = graph.dims(node.inputs[1])
+        return None if target is None else _broadcast([shapes[0], tuple(target)])
+    return None
 
 
 def onnx_dtype(tensor: Tensor) -> int | None:

@@ -12,8 +12,9 @@ recorded, so that a rejected candidate can say where it stopped matching.
 Building blocks:
     var(name)                a tensor, captured under `name` (a second use must be the same tensor)
     const(name, predicate)   a tensor whose value folds from constants (see Graph.value)
-    op.X(*inputs, ...)       a node of op type X (or `op.X | "Y"` via `ops=`), with attribute
-                             predicates, `name=` to capture the node, `commutative=True`
+    op.X(*inputs, ...)       a node of op type X (or other types via `ops=("Y",)`), with
+                             attribute predicates, `name=` to capture the node (using the same
+                             named pattern twice matches a DAG), `commutative=True`
     either(*patterns)        the first alternative that matches (with backtracking into the rest)
     maybe("Cast", p)         an optional single-input node in front of `p`
 """
@@ -143,6 +144,13 @@ class OpPattern(Pattern):
     def match(self, state, tensor):
         node = state.graph.producer(tensor)
         wanted = "|".join(self.op_types)
+        if self.name is not None and self.name in state.captures:
+            # A named node met again (a DAG, e.g. Where(IsNaN(p), 0, p)): it must be the same.
+            if state.captures[self.name] is node:
+                yield
+            else:
+                state.fail(f"'{tensor.name}' is not the output of the {self.name} node seen before")
+            return
         if node is None:
             state.fail(f"'{tensor.name}' is a graph input or constant, not the output of {wanted}")
             return

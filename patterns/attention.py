@@ -6,7 +6,8 @@ Who writes it which way:
   (with a Cast to float32 and back in some models), MatMul with V.
 - torch's scaled_dot_product_attention as the TorchScript exporter (symbolic_opset14) and the
   dynamo exporter (torchlib) decompose it: Q and Kᵀ each multiplied by sqrt(scale), a boolean
-  mask turned into Where(mask, 0, -inf) and added.
+  mask turned into Where(mask, 0, -inf) and added, and Where(IsNaN(p), 0, p) after the softmax.
+  The dynamo exporter transposes K as a 3-D [B*N, T, H] tensor between two Reshapes.
 - Older code masks in place: Where(mask, scores, min) or Where(pad, min, scores).
 The scale may sit on the scores, on Q, on K before or after the transpose, or on both Q and K;
 all found factors multiply into Attention's `scale`.
@@ -42,29 +43,41 @@ key_transposed = either(
     scaled(var("k_t"), "kt_scale"),  # K already laid out as [B, N, H, S]
 )
 scores = scaled(op.MatMul(scaled(var("q"), "q_scale"), key_transposed, name="qk"), "score_scale")
-scores_any_dtype = maybe("Cast", scores, name="scores_cast")
+
+
+def casts(x, name: str):
+    """x behind up to two Casts (float32 softmax, then `.to(dtype)`), the first captured."""
+    return maybe("Cast", maybe("Cast", x), name=name)
+
+
+scores_any_dtype = casts(scores, "scores_cast")
 masked_scores = either(
     op.Add(scores_any_dtype, var("mask"), commutative=True, name="mask_op"),
     op.Where(var("keep"), scores_any_dtype, const("keep_fill", _uniform), name="mask_op"),
     op.Where(var("drop"), const("drop_fill", _uniform), scores_any_dtype, name="mask_op"),
     scores_any_dtype,
 )
-probs = op.Softmax(maybe("Cast", masked_scores, name="softmax_in_cast"), name="softmax")
-attention = op.MatMul(maybe("Cast", probs, name="softmax_out_cast"), var("v"), name="pv")
+softmax = op.Softmax(casts(masked_scores, "softmax_in_cast"), name="softmax")
+# torch's SDPA export zeroes the rows a mask hides entirely: Where(IsNaN(p), 0, p).
+probs = either(op.Where(op.IsNaN(softmax), const("nan_fill", lambda v: not np.any(v)), softmax,
+                        name="nan_guard"), softmax)
+attention = op.MatMul(casts(probs, "softmax_out_cast"), var("v"), name="pv")
 
 SCALE_CAPTURES = ("q_scale", "k_scale", "kt_scale", "score_scale")
 
 
 def attention_output(graph: Graph, softmax: Node) -> Tensor:
-    """From a Softmax anchor forward to the MatMul with V (through an optional Cast)."""
-    tensor = softmax.outputs[0]
-    users = graph.consumers(tensor)
-    if len(users) == 1 and users[0].op == "Cast":
-        tensor = users[0].outputs[0]
-        users = graph.consumers(tensor)
-    for user in users:
-        if user.op == "MatMul" and user.inputs[0] is tensor:
-            return user.outputs[0]
+    """From a Softmax anchor forward to the MatMul with V (through Casts and a NaN guard)."""
+    frontier = [softmax.outputs[0]]
+    for _ in range(4):
+        following = []
+        for tensor in frontier:
+            for user in graph.consumers(tensor):
+                if user.op == "MatMul" and user.inputs[0] is tensor:
+                    return user.outputs[0]
+                if user.op in ("Cast", "Where"):
+                    following.append(user.outputs[0])
+        frontier = following
     raise Reject("the softmax output is not multiplied with V by a MatMul")
 
 

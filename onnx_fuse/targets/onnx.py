@@ -63,13 +63,15 @@ def _mask_4d(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     if mask.kind == "drop":
         tensor = rw.op("Not", [tensor], dtype=np.bool_)
     if mask.kind == "additive" or mask.fill != -np.inf:
-        # onnxruntime's Attention treats the lowest float as -inf, so a row whose keys are all
+        # onnxruntime's Attention treats the lowest float like -inf: a row whose keys are all
         # masked gives 0, where the original softmax over equal huge negatives is uniform.
-        # Half the lowest float keeps both the masking and the uniform rows.
+        # Raising finite values to half the lowest float keeps both the masking and the uniform
+        # rows; -inf stays -inf (such rows are 0 in torch's SDPA export too).
         np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
         floor = rw.const("mask_floor", np.array(ml_dtypes.finfo(np_type).min / 2, np_type))
         if mask.kind == "additive":
-            tensor = rw.op("Max", [tensor, floor])
+            is_minus_inf = rw.op("IsInf", [tensor], {"detect_positive": 0})
+            tensor = rw.op("Where", [is_minus_inf, tensor, rw.op("Max", [tensor, floor])])
         else:
             tensor = rw.op("Where", [tensor, rw.const("mask_zero", np.zeros((), np_type)), floor])
     rank = len(mask.tensor.shape or ())
