@@ -147,8 +147,27 @@ class Graph:
             start = node.attrs.get("start", 0)
             end = node.attrs.get("end", len(shape))
             return list(shape[slice(start, end)])
-        if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
             return self.dims(node.inputs[0])  # scalars and 1-D vectors keep their elements
+        if node.op == "ConstantOfShape":
+            length = self.dims(node.inputs[0])
+            fill = node.attrs.get("value")
+            fill = int(np.ravel(fill.values)[0]) if fill is not None else 0
+            return None if length is None or len(length) != 1 or not isinstance(length[0], int) \
+                else [fill] * length[0]
+        if node.op == "Equal":
+            a, b = (self.dims(t) for t in node.inputs)
+            if a is None or b is None:
+                return None
+            a, b = (x * len(b) if len(x) == 1 else x for x in (a, b)) if len(a) != len(b) else (a, b)
+            return [_dim_equal(x, y) for x, y in zip(a, b)]
+        if node.op == "Where":
+            c, a, b = (self.dims(t) for t in node.inputs)
+            if c is None or a is None or b is None:
+                return None
+            n = max(len(c), len(a), len(b))
+            c, a, b = (x * n if len(x) == 1 else x for x in (c, a, b))
+            return [None if ci is None else (ai if ci else bi) for ci, ai, bi in zip(c, a, b)]
         if node.op in ("Mul", "Add", "Sub") and all(self.dims(t) for t in node.inputs):
             a, b = (self.dims(t) for t in node.inputs)
             if len(a) == len(b) or 1 in (len(a), len(b)):
@@ -287,6 +306,17 @@ def onnx_dtype(tensor: Tensor) -> int | None:
         return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     except (TypeError, KeyError, ValueError):
         return getattr(dtype, "onnx_type", None)
+
+
+def _dim_equal(a, b) -> bool | None:
+    """Equality of two dims where known; a dim is never negative, so it never equals -1."""
+    if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
+        return bool(a == b)
+    if isinstance(a, str) and a == b:
+        return True
+    if isinstance(a, (int, np.integer)) and a < 0 or isinstance(b, (int, np.integer)) and b < 0:
+        return False
+    return None
 
 
 def _is_int_vector(tensor: Tensor) -> bool:

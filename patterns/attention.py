@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
-from onnx_fuse.pattern import Match, const, either, maybe, op, var
+from onnx_fuse.pattern import Match, const, either, match, maybe, op, var
 from onnx_fuse.rewrite import Reject, Rule
 from onnx_fuse.specs import AttentionSpec, MaskSpec
 
@@ -65,6 +65,20 @@ attention = op.MatMul(casts(probs, "softmax_out_cast"), var("v"), name="pv")
 
 SCALE_CAPTURES = ("q_scale", "k_scale", "kt_scale", "score_scale")
 
+# The dynamo exporter writes Kᵀ as a 3-D transpose: Reshape(Transpose(Reshape(K, [B*N, T, H]),
+# [0, 2, 1]), [B, N, H, T]).
+flat_transposed_key = op.Reshape(
+    op.Transpose(op.Reshape(var("k"), var("flat_shape")), perm=[0, 2, 1]), var("unflat_shape"))
+
+# Hugging Face's repeat_kv for grouped-query attention: each K/V head repeated `rep` times
+# next to itself (query head h reads K/V head h // rep), as Unsqueeze at axis 2, Expand or
+# Tile along it, and a Reshape merging it into the head axis.
+head_axis_inserted = op.Unsqueeze(var("kv"), const("axis", lambda a: list(np.ravel(a)) == [2]))
+repeated_heads = op.Reshape(
+    either(op.Expand(head_axis_inserted, var("expanded_shape")),
+           op.Tile(head_axis_inserted, const("tiles"))),
+    var("merged_shape"))
+
 
 def attention_output(graph: Graph, softmax: Node) -> Tensor:
     """From a Softmax anchor forward to the MatMul with V (through Casts and a NaN guard)."""
@@ -96,7 +110,9 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
         perm = m["k_transpose"].attrs.get("perm") or list(reversed(range(rank)))
         key, key_perm = m["k"], tuple(perm[i] for i in _swap_last_two(rank))
     else:
-        key, key_perm = m["k_t"], tuple(_swap_last_two(rank))
+        key, key_perm = _key_behind_flat_transpose(graph, m["k_t"]), None
+        if key is None:
+            key, key_perm = m["k_t"], tuple(_swap_last_two(rank))
     ranks = {graph.rank(t) for t in (q, key, v)}
     if ranks != {4}:
         raise Reject(f"Q/K/V ranks are {sorted(r for r in ranks if r)}; only 4-D [batch, heads, seq, head] is fused")
@@ -112,7 +128,11 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
                        ("K/V length", k_shape[2], v_shape[2])):
         if _differ(a, b):
             raise Reject(f"Q/K/V {what} differ ({a} vs {b})")
-    q_heads, kv_heads = q_shape[1], k_shape[1]
+    q_heads = q_shape[1]
+    if key_perm is None:
+        key, v = _without_head_repetition(graph, key, v, q_heads)
+        k_shape, v_shape = graph.shape(key), graph.shape(v)
+    kv_heads = k_shape[1]
     if isinstance(q_heads, int) and isinstance(kv_heads, int) and q_heads % kv_heads:
         raise Reject(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
 
@@ -128,6 +148,58 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
         softmax_dtype=softmax_dtype if softmax_dtype != dtype else None,
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
     )
+
+
+def _key_behind_flat_transpose(graph: Graph, k_t: Tensor) -> Tensor | None:
+    """K [B, N, T, H] if `k_t` is its transpose written through 3-D [B*N, T, H] reshapes."""
+    found, _ = match(flat_transposed_key, graph, k_t)
+    if found is None or graph.rank(found["k"]) != 4:
+        return None
+    b, n, t, h = graph.shape(found["k"])
+    flat, unflat = graph.dims(found["flat_shape"]), graph.dims(found["unflat_shape"])
+    if flat is None or unflat is None or len(flat) != 3 or len(unflat) != 4:
+        return None
+    # The reshapes may only merge and split the leading [B, N]; T and H stay whole.
+    keeps_heads = isinstance(n, int) and unflat[1] == n
+    keeps_head_size = isinstance(h, int) and flat[2] == h and unflat[2] == h
+    if not (keeps_heads and keeps_head_size and flat[1] in (t, -1)):
+        return None
+    return found["k"]
+
+
+def _without_head_repetition(graph: Graph, key: Tensor, value: Tensor, q_heads) -> tuple:
+    """K and V before GQA head repetition, when both are repeated the grouped way by the same
+    factor; otherwise K and V unchanged (attention over repeated heads is still exact)."""
+    sources = [_repetition_source(graph, t, q_heads) for t in (key, value)]
+    if None in sources or sources[0][1] != sources[1][1]:
+        return key, value
+    return sources[0][0], sources[1][0]
+
+
+def _repetition_source(graph: Graph, tensor: Tensor, q_heads) -> tuple[Tensor, int] | None:
+    found, _ = match(repeated_heads, graph, tensor)
+    if found is None or graph.rank(found["kv"]) != 4 or not isinstance(q_heads, int):
+        return None
+    _, kv_heads, _, head = graph.shape(found["kv"])
+    if not isinstance(kv_heads, int) or not isinstance(head, int) or q_heads % kv_heads:
+        return None
+    rep = q_heads // kv_heads
+    if "tiles" in found.captures:
+        if list(np.ravel(found["tiles"])) != [1, 1, rep, 1, 1]:
+            return None
+    else:
+        expanded = graph.dims(found["expanded_shape"])
+        if expanded is None or len(expanded) != 5 or expanded[2] != rep or expanded[1] not in (1, kv_heads):
+            return None
+        # Expand may only grow the new axis: the others must be 1 or the source's own dims.
+        source_dims = (graph.shape(found["kv"])[0], 1, graph.shape(found["kv"])[2], head)
+        for target, own in zip([expanded[0]] + expanded[3:], [source_dims[0]] + list(source_dims[2:])):
+            if target not in (1, None, own) and not isinstance(own, str) and not isinstance(target, str):
+                return None
+    merged = graph.dims(found["merged_shape"])
+    if merged is None or len(merged) != 4 or merged[1] != q_heads or merged[3] not in (head, -1):
+        return None
+    return found["kv"], rep
 
 
 def _swap_last_two(rank: int) -> list[int]:

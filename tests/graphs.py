@@ -38,13 +38,28 @@ class GraphBuilder:
         return model
 
 
+def repeat_heads(g, x, kv_heads, rep, how):
+    """GQA head repetition as exporters write it; "tile_heads" repeats the whole head axis
+    (head h reads K/V head h % kv_heads), which is not the grouped layout."""
+    if how == "tile_heads":
+        return g.op("Tile", x, g.const([1, rep, 1, 1], np.int64))
+    wide = g.op("Unsqueeze", x, g.const([2], np.int64))
+    if how == "expand":
+        wide = g.op("Expand", wide, g.const([1, 1, rep, 1, 1], np.int64))
+    else:
+        wide = g.op("Tile", wide, g.const([1, 1, rep, 1, 1], np.int64))
+    shape = g.op("Concat", g.op("Shape", x, end=1), g.const([kv_heads * rep], np.int64),
+                 g.op("Shape", x, start=2), axis=0)
+    return g.op("Reshape", wide, shape)
+
+
 def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", mask=None,
                     casts=False, heads=4, kv_heads=4, head=8, opset=23, mask_rank=4,
-                    probs_as_output=False, softmax_axis=-1):
+                    probs_as_output=False, softmax_axis=-1, repeat=None):
     """softmax(scale Q Kᵀ + mask) V with Q [B, heads, S, head] and K/V [B, kv_heads, T, head].
 
     scale_on: "scores", "q", "k" (before the transpose), "kt" (after), "both" (sqrt on Q and Kᵀ),
-    "none". k_layout: "transpose" (K input [B,N,T,H], Transpose perm 0,1,3,2), "bsnh" (K input
+    "none". repeat: GQA head repetition of K and V ("expand", "tile", "tile_heads"). k_layout: "transpose" (K input [B,N,T,H], Transpose perm 0,1,3,2), "bsnh" (K input
     [B,T,N,H], one Transpose perm 0,2,3,1), "pretransposed" (K input already [B,N,H,T]).
     mask: None, "additive", "keep" (Where(m, s, -inf)), "keep_finite" (finfo.min fill),
     "drop" (Where(pad, min, s)), "padding" (additive [B,1,1,T]).
@@ -59,6 +74,9 @@ def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", 
     else:
         k = g.input("k", TensorProto.FLOAT, ["B", kv_heads, head, "T"])
     v = g.input("v", TensorProto.FLOAT, ["B", kv_heads, "T", head])
+    if repeat is not None:
+        k = repeat_heads(g, k, kv_heads, heads // kv_heads, repeat)
+        v = repeat_heads(g, v, kv_heads, heads // kv_heads, repeat)
 
     def apply(x, factor):
         if scale_op == "Mul":

@@ -79,6 +79,20 @@ def test_fully_masked_rows_stay_uniform_like_the_original():
     np.testing.assert_allclose(run(result.model, feeds), run(model, feeds), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["expand", "tile"])
+def test_grouped_head_repetition_is_removed(how):
+    result = assert_fused_and_equal(attention_model(heads=4, kv_heads=2, repeat=how), kv_heads=2)
+    assert not {"Expand", "Tile"} & {n.op_type for n in result.model.graph.node}
+
+
+def test_head_repetition_that_is_not_grouped_is_kept():
+    # Tiling the whole head axis pairs query head h with K/V head h % 2, not h // 2: the
+    # Attention op's grouping would be wrong, so the repeated K/V are kept as they are.
+    result = assert_fused_and_equal(attention_model(heads=4, kv_heads=2, repeat="tile_heads"),
+                                    kv_heads=4)
+    assert "Tile" in {n.op_type for n in result.model.graph.node}
+
+
 def test_casts_around_softmax():
     assert_fused_and_equal(attention_model(casts=True, mask="additive"))
 
