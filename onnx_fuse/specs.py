@@ -33,6 +33,7 @@ class AttentionSpec:
     value: Tensor  # [B, Nkv, Skv, Hv]
     output: Tensor  # [B, Nq, Sq, Hv]: the fused op takes over this tensor
     scale: float
+    softcap: float  # c in c · tanh(scores / c) before the mask; 0 for none
     mask: MaskSpec | None
     softmax_dtype: int | None  # onnx dtype the softmax runs in when it differs from Q's
     dtype: int  # onnx dtype of Q, K, V
@@ -46,6 +47,7 @@ class AttentionSpec:
             "kv_heads": self.kv_heads,
             "head_size": self.head_size,
             "scale": round(self.scale, 8),
+            "softcap": self.softcap,
             "mask": None if self.mask is None else self.mask.kind,
             "dtype": _dtype_name(self.dtype),
         }

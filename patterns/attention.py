@@ -50,7 +50,14 @@ def casts(x, name: str):
     return maybe("Cast", maybe("Cast", x), name=name)
 
 
-scores_any_dtype = casts(scores, "scores_cast")
+# Gemma 2's logit softcapping, c · tanh(s / c), between the scale and the mask.
+capped = either(
+    op.Mul(op.Tanh(either(op.Div(scores, const("cap", _uniform)),
+                          op.Mul(scores, const("cap_inverse", _uniform), commutative=True))),
+           const("cap_out", _uniform), commutative=True, name="softcap"),
+    scores,
+)
+scores_any_dtype = casts(capped, "scores_cast")
 masked_scores = either(
     op.Add(scores_any_dtype, var("mask"), commutative=True, name="mask_op"),
     op.Where(var("keep"), scores_any_dtype, const("keep_fill", _uniform), name="mask_op"),
@@ -144,7 +151,7 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
 
     return AttentionSpec(
         query=q, key=key, key_perm=key_perm, value=v, output=m["pv"].outputs[0],
-        scale=_scale(m), mask=_mask(graph, m, dtype, softmax_dtype), dtype=dtype,
+        scale=_scale(m), softcap=_softcap(m), mask=_mask(graph, m, dtype, softmax_dtype), dtype=dtype,
         softmax_dtype=softmax_dtype if softmax_dtype != dtype else None,
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
     )
@@ -221,6 +228,16 @@ def _scale(m: Match) -> float:
         if name + "_div" in m.captures:
             scale /= float(np.asarray(m[name + "_div"]).reshape(-1)[0])
     return scale
+
+
+def _softcap(m: Match) -> float:
+    if "softcap" not in m.captures:
+        return 0.0
+    first = lambda name: float(np.ravel(m[name])[0])  # noqa: E731
+    cap = first("cap") if "cap" in m.captures else 1.0 / first("cap_inverse")
+    if not np.isclose(cap, first("cap_out"), rtol=1e-6) or cap <= 0:
+        raise Reject(f"tanh is scaled by {first('cap_out')} after dividing by {cap}: not a softcap")
+    return cap
 
 
 def _require_exclusive(graph: Graph, m: Match) -> None:

@@ -55,7 +55,7 @@ def repeat_heads(g, x, kv_heads, rep, how):
 
 def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", mask=None,
                     casts=False, heads=4, kv_heads=4, head=8, opset=23, mask_rank=4,
-                    probs_as_output=False, softmax_axis=-1, repeat=None):
+                    probs_as_output=False, softmax_axis=-1, repeat=None, softcap=None):
     """softmax(scale Q Kᵀ + mask) V with Q [B, heads, S, head] and K/V [B, kv_heads, T, head].
 
     scale_on: "scores", "q", "k" (before the transpose), "kt" (after), "both" (sqrt on Q and Kᵀ),
@@ -102,6 +102,8 @@ def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", 
     s = g.op("MatMul", q, kt)
     if scale_on == "scores":
         s = apply(s, scale)
+    if softcap is not None:
+        s = g.op("Mul", g.op("Tanh", g.op("Div", s, g.const(softcap))), g.const(softcap))
     if casts:
         s = g.op("Cast", s, to=TensorProto.FLOAT)
     if mask == "additive":

@@ -93,6 +93,23 @@ def test_head_repetition_that_is_not_grouped_is_kept():
     assert "Tile" in {n.op_type for n in result.model.graph.node}
 
 
+@pytest.mark.parametrize("mask", [None, "additive"])
+def test_softcap_before_the_mask(mask):
+    result = assert_fused_and_equal(attention_model(softcap=0.5, mask=mask), softcap=0.5)
+    assert "Tanh" not in {n.op_type for n in result.model.graph.node}
+
+
+def test_tanh_with_unequal_scales_is_not_a_softcap():
+    model = attention_model(softcap=0.5)
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and n.input[0].startswith("t")
+               and any(p.op_type == "Tanh" and p.output[0] == n.input[0] for p in model.graph.node))
+    init = next(i for i in model.graph.initializer if i.name == mul.input[1])
+    init.CopyFrom(onnx.numpy_helper.from_array(np.array(0.7, np.float32), init.name))
+    result = onnx_fuse.fuse(model, check=True, inputs=random_inputs(model))
+    assert result.report["counts"] == {}
+    assert "not a softcap" in result.report["unfused"][0]["reason"]
+
+
 def test_casts_around_softmax():
     assert_fused_and_equal(attention_model(casts=True, mask="additive"))
 

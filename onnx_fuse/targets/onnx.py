@@ -34,6 +34,8 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     if spec.mask is not None:
         inputs.append(attention_mask(spec, rw))
     attrs = {"scale": float(spec.scale)}
+    if spec.softcap:
+        attrs["softcap"] = float(spec.softcap)
     if spec.softmax_dtype is not None:
         attrs["softmax_precision"] = int(spec.softmax_dtype)
     rw.op("Attention", inputs, attrs, outputs=[spec.output])
