@@ -8,7 +8,8 @@ seeded deterministically, and exported with BOTH torch.onnx exporters:
 * dynamo exporter:      ``torch.onnx.export(..., dynamo=True, dynamic_shapes=...)`` (default opset)
 
 for every attention implementation ("eager", "sdpa") and every kind the spec
-supports ("prefill"/"decode" for decoders, "encoder" for encoders).
+supports ("prefill"/"decode" for decoders, "decode_static" for HF StaticCache
+decoding, "encoder" for encoders, "seq2seq" for a full encoder-decoder forward).
 
 Ground truth for each file (taken from the model config, not from the graph)
 is written to ``manifest.json``.  After exporting, every file is checked with
@@ -22,8 +23,8 @@ Usage::
 
 To add an architecture, add a ``ModelSpec`` to ``REGISTRY`` (see the
 "Registry" section).  Decoder specs list kinds ("prefill", "decode"); encoder
-specs use kind "encoder" with ``input_kind`` "text" (input_ids + attention_mask)
-or "image" (pixel_values).  Combinations that cannot be exported are recorded in
+specs use kind "encoder" with ``input_kind`` "text" (input_ids + attention_mask),
+"image" (pixel_values) or "audio" (input_features).  Combinations that cannot be exported are recorded in
 the manifest's ``skipped`` list (automatically on exception, or declared via
 ``known_skips``).
 """
@@ -48,7 +49,8 @@ import torch
 from torch import nn
 
 import transformers
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 # "torchvision is not installed. Skipping torchvision::nms" etc.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -58,6 +60,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TORCHSCRIPT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 TOL = 1e-3  # max abs diff ONNX Runtime vs PyTorch
+# sliding-window specs: min max|ONNX - PyTorch without the window| (proves the window is applied)
+WINDOW_EFFECT_MIN = 1e-2
 SEED = 1234
 
 # --------------------------------------------------------------------------------------
@@ -101,6 +105,22 @@ class ModelSpec:
     # Optional override of the attention scale (default 1/sqrt(head_size)), e.g. Gemma 2's
     # query_pre_attn_scalar.
     attention_scale: Callable[[Any], float] | None = None
+    # Rotary details (rope specs only): rotary_dim(cfg) (default: head_size, i.e. full rotary)
+    # and whether the rotation pairs are interleaved (GPT-J rotate_every_two: (x0,x1),(x2,x3)...)
+    # rather than split into halves (rotate_half: (x_i, x_{i+d/2})).
+    rotary_dim: Callable[[Any], int] | None = None
+    rope_interleaved: bool = False
+    # Sliding-window decoders (Mistral, Gemma 2): "decode" keeps the FULL cache (plain
+    # DynamicLayers, present = Concat(past, new) of length past+seq) and the window is applied
+    # by the attention mask only, instead of HF's DynamicSlidingWindowLayer which would crop
+    # present.* to the last window-1 tokens.  Verification also checks that the window
+    # changes the outputs (ONNX vs the same weights with the window disabled).
+    sliding_window: bool = False
+    # decode_static: fixed cache length (cache tensors [batch, kv_heads, cache_len, head_dim]).
+    cache_len: int = 0
+    # Attention implementations that export and verify but are left out of the committed set
+    # (size): built only when named with --attn, e.g. `--only gptj --attn sdpa`.
+    optional_attn_impls: tuple[str, ...] = ()
 
     def config(self, attn_impl: str):
         cfg = self.make_config(attn_impl)
@@ -135,13 +155,32 @@ def ground_truth(spec: ModelSpec, cfg, kind: str) -> dict:
         "vocab_size": getattr(cfg, "vocab_size", None) if spec.input_kind == "text" else None,
         "attention_cores": layers,
         "rope_applications": 2 * layers if spec.position_embedding == "rope" else 0,
-        "kv_cache_writes": 2 * layers if kind == "decode" else 0,
+        "kv_cache_writes": 2 * layers if kind in ("decode", "decode_static") else 0,
         "causal": spec.causal,
         "gqa": kv_heads != q_heads,
         "position_embedding": spec.position_embedding,
         # softmax(Q K^T * attention_scale): all current specs use 1/sqrt(head_size)
         "attention_scale": spec.attention_scale(cfg) if spec.attention_scale else head_size ** -0.5,
     }
+    if spec.position_embedding == "rope":
+        # partial rotary: only the first rotary_dim channels of each head are rotated (the
+        # rest pass through); still 2 RoPE applications (q and k) per layer.
+        truth["rotary_dim"] = spec.rotary_dim(cfg) if spec.rotary_dim else head_size
+        truth["rope_interleaved"] = spec.rope_interleaved
+    if spec.sliding_window:
+        truth["sliding_window"] = cfg.sliding_window
+        truth["sliding_window_semantics"] = (
+            "query at absolute position p attends keys at positions p-sliding_window+1 .. p "
+            "(sliding_window keys including itself), on top of causal + padding masking")
+        types = list(getattr(cfg, "layer_types", None) or ["sliding_attention"] * layers)
+        truth["layer_types"] = types
+        truth["sliding_window_layers"] = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if kind == "decode_static":
+        truth["cache_len"] = spec.cache_len
+        truth["kv_cache_write_index"] = (
+            "cache_position input [sequence_length] (int64, shared by all batch rows): the new K/V of "
+            "token j is written to slot cache_position[j] of axis 2 (HF StaticLayer index_copy_); "
+            "cache_position is also the RoPE position and cache_position[0] the causal-mask query offset")
     if spec.extra_truth is not None:
         truth.update(spec.extra_truth(cfg))
     return truth
@@ -234,6 +273,193 @@ def _vit_config(attn_impl):
     )
 
 
+# Smaller dimensions for the second batch of specs (keeps each file ~150-250 KB).
+S_HIDDEN = 32
+S_Q_HEADS = 4
+S_KV_HEADS = 2
+S_HEAD_DIM = 8
+S_INTERMEDIATE = 64
+S_VOCAB = 64
+S_MAX_POS = 64
+SLIDING_WINDOW = 4  # < every test length: verification uses seq 11 / past 9 + 1
+
+
+def _mistral_config(attn_impl):
+    return transformers.MistralConfig(
+        vocab_size=S_VOCAB,
+        hidden_size=S_HIDDEN,
+        intermediate_size=S_INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=S_Q_HEADS,
+        num_key_value_heads=S_KV_HEADS,
+        head_dim=S_HEAD_DIM,
+        max_position_embeddings=S_MAX_POS,
+        sliding_window=SLIDING_WINDOW,
+        tie_word_embeddings=False,
+        attn_implementation=attn_impl,
+    )
+
+
+def _gemma2_config(attn_impl):
+    return transformers.Gemma2Config(
+        vocab_size=S_VOCAB,
+        hidden_size=S_HIDDEN,
+        intermediate_size=S_INTERMEDIATE,
+        num_hidden_layers=2,
+        num_attention_heads=S_Q_HEADS,
+        num_key_value_heads=S_KV_HEADS,
+        head_dim=S_HEAD_DIM,
+        max_position_embeddings=S_MAX_POS,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        query_pre_attn_scalar=16,  # scale 16**-0.5 = 0.25, not head_dim**-0.5 = 0.354
+        attn_implementation=attn_impl,
+    )
+
+
+def _phi3_config(attn_impl):
+    return transformers.Phi3Config(
+        vocab_size=S_VOCAB,
+        hidden_size=S_HIDDEN,
+        intermediate_size=S_INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=S_Q_HEADS,
+        num_key_value_heads=S_KV_HEADS,
+        max_position_embeddings=S_MAX_POS,
+        original_max_position_embeddings=S_MAX_POS,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation=attn_impl,
+    )
+
+
+def _gpt_neox_config(attn_impl):
+    return transformers.GPTNeoXConfig(
+        vocab_size=S_VOCAB,
+        hidden_size=S_HIDDEN,
+        intermediate_size=S_INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,  # head_dim 16
+        max_position_embeddings=S_MAX_POS,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        tie_word_embeddings=False,
+        attn_implementation=attn_impl,
+    )
+
+
+def _gptj_config(attn_impl):
+    return transformers.GPTJConfig(
+        vocab_size=S_VOCAB,
+        n_embd=S_HIDDEN,
+        n_layer=LAYERS,
+        n_head=2,  # head_dim 16
+        n_inner=S_INTERMEDIATE,
+        n_positions=S_MAX_POS,
+        rotary_dim=8,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        attn_implementation=attn_impl,
+    )
+
+
+def _t5_config(attn_impl):
+    return transformers.T5Config(
+        vocab_size=S_VOCAB,
+        d_model=S_HIDDEN,
+        d_kv=S_HEAD_DIM,
+        d_ff=S_INTERMEDIATE,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=S_Q_HEADS,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="relu",
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        attn_implementation=attn_impl,
+    )
+
+
+def _whisper_config(attn_impl):
+    return transformers.WhisperConfig(
+        vocab_size=S_VOCAB,
+        num_mel_bins=8,
+        d_model=S_HIDDEN,
+        encoder_layers=2,
+        encoder_attention_heads=S_Q_HEADS,
+        encoder_ffn_dim=S_INTERMEDIATE,
+        decoder_layers=1,
+        decoder_attention_heads=S_Q_HEADS,
+        decoder_ffn_dim=S_INTERMEDIATE,
+        max_source_positions=16,  # -> input_features frames = 2 * 16 = 32
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+        attn_implementation=attn_impl,
+    )
+
+
+def _llama_small_config(attn_impl):
+    return transformers.LlamaConfig(
+        vocab_size=S_VOCAB,
+        hidden_size=S_HIDDEN,
+        intermediate_size=S_INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=S_Q_HEADS,
+        num_key_value_heads=S_KV_HEADS,
+        head_dim=S_HEAD_DIM,
+        max_position_embeddings=S_MAX_POS,
+        tie_word_embeddings=False,
+        attn_implementation=attn_impl,
+    )
+
+
+def _qwen2_small_config(attn_impl):
+    return transformers.Qwen2Config(
+        vocab_size=S_VOCAB,
+        hidden_size=S_HIDDEN,
+        intermediate_size=S_INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=S_Q_HEADS,
+        num_key_value_heads=S_KV_HEADS,
+        max_position_embeddings=S_MAX_POS,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        attn_implementation=attn_impl,
+    )
+
+
+def _t5_truth(c):
+    enc, dec = c.num_layers, c.num_decoder_layers
+    return {
+        "layers": enc + dec,
+        "encoder_layers": enc,
+        "decoder_layers": dec,
+        # encoder self + decoder self + decoder cross
+        "attention_cores": enc + 2 * dec,
+        "self_attention_cores": enc + dec,
+        "cross_attention_cores": dec,
+        "causal_attention_cores": dec,  # decoder self-attention only
+        "relative_attention_num_buckets": c.relative_attention_num_buckets,
+        "relative_attention_max_distance": c.relative_attention_max_distance,
+        "position_bias": ("relative position bias [1, heads, q, k] (Gather of relative_attention_bias by "
+                          "bucket) added to the scores of every self-attention (computed in layer 0 of each "
+                          "stack, shared by the later layers); cross-attention adds a zero bias"),
+        "tie_word_embeddings": bool(c.tie_word_embeddings),
+        # decoder output * d_model**-0.5 before the (tied) lm_head
+        "scale_decoder_outputs": bool(c.scale_decoder_outputs),
+    }
+
+
 REGISTRY: list[ModelSpec] = [
     ModelSpec(
         name="llama-gqa",
@@ -301,8 +527,140 @@ REGISTRY: list[ModelSpec] = [
     ),
 ]
 
-# Future entries (not yet implemented): Mistral with sliding window, Gemma 2, Phi-3,
-# GPT-NeoX, GPT-J, T5/BART, Whisper encoder, StaticCache decode exports.
+# Second batch: smaller dimensions (S_*), see models/README.md.
+REGISTRY += [
+    ModelSpec(
+        name="mistral-swa",
+        arch="mistral",
+        make_config=_mistral_config,
+        model_cls=transformers.MistralForCausalLM,
+        kinds=("prefill", "decode"),
+        causal=True,
+        position_embedding="rope",
+        sliding_window=True,
+        notes=f"sliding_window={SLIDING_WINDOW} on every layer (mask only; decode keeps the full cache)",
+    ),
+    ModelSpec(
+        name="gemma2",
+        arch="gemma2",
+        make_config=_gemma2_config,
+        model_cls=transformers.Gemma2ForCausalLM,
+        kinds=("prefill", "decode"),
+        causal=True,
+        position_embedding="rope",
+        attn_impls=("eager",),  # HF: _supports_sdpa = False (sdpa has no softcapping)
+        sliding_window=True,
+        attention_scale=lambda c: float(c.query_pre_attn_scalar) ** -0.5,
+        notes="layer 0 sliding window, layer 1 global; attention logit softcap tanh(s/50)*50 between "
+              "scaling and masking; final logit softcap 30; scale query_pre_attn_scalar**-0.5",
+        extra_truth=lambda c: {"softcap": c.attn_logit_softcapping,
+                               "final_logit_softcapping": c.final_logit_softcapping,
+                               "query_pre_attn_scalar": c.query_pre_attn_scalar},
+    ),
+    ModelSpec(
+        name="phi3-partial",
+        arch="phi3",
+        make_config=_phi3_config,
+        model_cls=transformers.Phi3ForCausalLM,
+        kinds=("prefill", "decode"),
+        causal=True,
+        position_embedding="rope",
+        rotary_dim=lambda c: int((c.hidden_size // c.num_attention_heads) * c.rope_parameters["partial_rotary_factor"]),
+        notes="fused qkv_proj (one MatMul, sliced into q/k/v), fused gate_up_proj; "
+              "partial_rotary_factor 0.5 (rotate_half on the first rotary_dim channels)",
+        extra_truth=lambda c: {"partial_rotary_factor": c.rope_parameters["partial_rotary_factor"],
+                               "fused_qkv": True},
+        optional_attn_impls=("sdpa",),  # exports + verifies; left out of the committed set (size)
+    ),
+    ModelSpec(
+        name="gptneox",
+        arch="gpt_neox",
+        make_config=_gpt_neox_config,
+        model_cls=transformers.GPTNeoXForCausalLM,
+        kinds=("prefill", "decode"),
+        causal=True,
+        position_embedding="rope",
+        rotary_dim=lambda c: int((c.hidden_size // c.num_attention_heads) * c.rope_parameters["partial_rotary_factor"]),
+        notes="fused query_key_value with per-head [q|k|v] layout (view [B,S,heads,3*head] then chunk); "
+              "rotary_pct 0.25; parallel residual",
+        extra_truth=lambda c: {"partial_rotary_factor": c.rope_parameters["partial_rotary_factor"],
+                               "fused_qkv": True},
+        optional_attn_impls=("sdpa",),  # exports + verifies; left out of the committed set (size)
+    ),
+    ModelSpec(
+        name="gptj",
+        arch="gptj",
+        make_config=_gptj_config,
+        model_cls=transformers.GPTJForCausalLM,
+        kinds=("prefill", "decode"),
+        causal=True,
+        position_embedding="rope",
+        rotary_dim=lambda c: c.rotary_dim,
+        rope_interleaved=True,
+        notes="rotary_dim 8 < head_dim 16, interleaved rotary (rotate_every_two, sin/cos gathered from "
+              "the embed_positions buffer and repeat_interleave'd); separate q/k/v projections",
+        optional_attn_impls=("sdpa",),  # exports + verifies; left out of the committed set (size)
+    ),
+    ModelSpec(
+        name="t5",
+        arch="t5",
+        make_config=_t5_config,
+        model_cls=transformers.T5ForConditionalGeneration,
+        kinds=("seq2seq",),
+        causal=True,
+        position_embedding="relative_bias",
+        attention_scale=lambda c: 1.0,
+        notes="full encoder-decoder forward without cache: input_ids, attention_mask, decoder_input_ids -> "
+              "logits; no attention scaling (1.0); tied embeddings (decoder output scaled by d_model**-0.5 "
+              "before lm_head)",
+        extra_truth=_t5_truth,
+    ),
+    ModelSpec(
+        name="whisper",
+        arch="whisper",
+        make_config=_whisper_config,
+        model_cls=transformers.models.whisper.modeling_whisper.WhisperEncoder,
+        kinds=("encoder",),
+        causal=False,
+        position_embedding="learned_absolute",
+        input_kind="audio",
+        attention_scale=lambda c: (c.d_model // c.encoder_attention_heads) ** -0.5,
+        notes="WhisperEncoder only: 2 Conv1d (stride 1, 2) + GELU, positions, 2 layers; q is scaled by "
+              "head_dim**-0.5 right after q_proj (incl. bias), the attention call then uses scale 1.0; "
+              "k_proj has no bias",
+        extra_truth=lambda c: {"layers": c.encoder_layers, "attention_cores": c.encoder_layers,
+                               "q_heads": c.encoder_attention_heads, "kv_heads": c.encoder_attention_heads,
+                               "head_size": c.d_model // c.encoder_attention_heads,
+                               "num_mel_bins": c.num_mel_bins, "frames": 2 * c.max_source_positions,
+                               "tokens": c.max_source_positions, "scale_applied_to": "query"},
+        optional_attn_impls=("sdpa",),  # exports + verifies; left out of the committed set (size)
+    ),
+    ModelSpec(
+        name="llama-static",
+        arch="llama",
+        make_config=_llama_small_config,
+        model_cls=transformers.LlamaForCausalLM,
+        kinds=("decode_static",),
+        causal=True,
+        position_embedding="rope",
+        cache_len=16,
+        notes="HF StaticCache layers (index_copy_ into [B, kv_heads, cache_len, head_dim]) built from the "
+              "cache inputs; attention over all cache_len slots, masked by causal(cache_position) + attention_mask",
+    ),
+    ModelSpec(
+        name="qwen2-static",
+        arch="qwen2",
+        make_config=_qwen2_small_config,
+        model_cls=transformers.Qwen2ForCausalLM,
+        kinds=("decode_static",),
+        causal=True,
+        position_embedding="rope",
+        cache_len=16,
+        notes="q/k/v bias; HF StaticCache layers (index_copy_ into [B, kv_heads, cache_len, head_dim]) built "
+              "from the cache inputs; attention over all cache_len slots",
+        optional_attn_impls=("sdpa",),  # exports + verifies; left out of the committed set (size)
+    ),
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -318,11 +676,19 @@ class PrefillWrapper(nn.Module):
         return out.logits
 
 
-def _build_dynamic_cache(config, past: tuple[torch.Tensor, ...]) -> DynamicCache:
+def _build_dynamic_cache(config, past: tuple[torch.Tensor, ...], full_layers: bool = False) -> DynamicCache:
     """Build a DynamicCache that already holds ``past`` (k0, v0, k1, v1, ...), so that
-    the model's cache.update is exactly ``Concat(past, new)`` along the sequence axis."""
-    cache = DynamicCache(config=config)
+    the model's cache.update is exactly ``Concat(past, new)`` along the sequence axis.
+
+    ``full_layers``: use plain DynamicLayers even if the config has sliding-window layers
+    (DynamicCache(config=...) would create DynamicSlidingWindowLayers, which crop the stored
+    states to window-1 tokens and track the length in a python counter)."""
     n_layers = len(past) // 2
+    if full_layers:
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer() for _ in range(n_layers)]
+    else:
+        cache = DynamicCache(config=config)
     for i in range(n_layers):
         k, v = past[2 * i], past[2 * i + 1]
         layer = cache.layers[i]
@@ -333,18 +699,86 @@ def _build_dynamic_cache(config, past: tuple[torch.Tensor, ...]) -> DynamicCache
 
 
 class DecodeWrapper(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, full_layers: bool = False):
         super().__init__()
         self.model = model
+        self.full_layers = full_layers
 
     def forward(self, input_ids, attention_mask, *past):
-        cache = _build_dynamic_cache(self.model.config, past)
+        cache = _build_dynamic_cache(self.model.config, past, self.full_layers)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
         present = []
         for layer in out.cache.layers:
             present.append(layer.keys)
             present.append(layer.values)
         return (out.logits, *present)
+
+
+class _InputIndexedStaticLayer(StaticLayer):
+    """An HF StaticLayer over caller-provided cache tensors whose write slots are the
+    wrapper's ``cache_position`` input (HF's StaticLayer derives them from an internal
+    ``cumulative_length`` counter; here that counter is ``cache_position[0]``, which the
+    mask code uses as the query offset)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache_position: torch.Tensor):
+        super().__init__(max_cache_len=keys.shape[2])
+        self.device = keys.device
+        self.batch_size, self.num_heads = keys.shape[:2]
+        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
+        self.keys, self.values = keys, values
+        self.cache_position = cache_position
+        self.cumulative_length = cache_position[0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # same in-place write as StaticLayer.update, at the given slots
+        self.keys.index_copy_(2, self.cache_position, key_states)
+        self.values.index_copy_(2, self.cache_position, value_states)
+        return self.keys, self.values
+
+
+class StaticDecodeWrapper(nn.Module):
+    """decode_static: (input_ids, attention_mask [B, cache_len], cache_position [S], *caches)
+    -> (logits, *updated caches).  The caches are cloned first so that the ONNX graph is
+    functional (cache inputs -> index write -> present outputs) and PyTorch references do not
+    mutate their inputs."""
+
+    def __init__(self, model, cache_len: int):
+        super().__init__()
+        self.model = model
+        self.cache_len = cache_len
+
+    def forward(self, input_ids, attention_mask, cache_position, *past):
+        cache = StaticCache(config=self.model.config, max_cache_len=self.cache_len)
+        cache.layers = [_InputIndexedStaticLayer(past[2 * i].clone(), past[2 * i + 1].clone(), cache_position)
+                        for i in range(len(past) // 2)]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=cache_position.unsqueeze(0), cache=cache, use_cache=True)
+        present = []
+        for layer in cache.layers:
+            present.append(layer.keys)
+            present.append(layer.values)
+        return (out.logits, *present)
+
+
+class Seq2SeqWrapper(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         decoder_input_ids=decoder_input_ids, use_cache=False)
+        return out.logits
+
+
+class AudioEncoderWrapper(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_features):
+        return self.model(input_features=input_features).last_hidden_state
 
 
 class TextEncoderWrapper(nn.Module):
@@ -377,13 +811,31 @@ def _kv_shape(cfg, batch, past_len):
     return (batch, kv_heads, past_len, head_dim)
 
 
-def make_inputs(spec: ModelSpec, cfg, kind: str, batch: int, seq: int, past: int = 0,
-                pad: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(spec: ModelSpec, cfg, kind: str, batch: int, seq: int = 0, past: int = 0,
+                pad: int = 0, seed: int = 0, dec_seq: int = 0) -> dict[str, torch.Tensor]:
     """Ordered dict of named inputs.  Row 1 is left-padded by ``pad`` tokens."""
     g = torch.Generator().manual_seed(seed)
     if spec.input_kind == "image":
         return {"pixel_values": torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)}
+    if spec.input_kind == "audio":
+        frames = 2 * cfg.max_source_positions
+        return {"input_features": torch.randn(batch, cfg.num_mel_bins, frames, generator=g)}
     vocab = cfg.vocab_size
+    if kind == "decode_static":
+        # caches: random in EVERY slot (also the not-yet-written ones, which must be masked out)
+        L = spec.cache_len
+        assert past + seq <= L, (past, seq, L)
+        inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g, dtype=torch.int64)}
+        mask = torch.zeros(batch, L, dtype=torch.int64)
+        mask[:, : past + seq] = 1
+        if pad and batch > 1:
+            mask[1, :pad] = 0
+        inputs["attention_mask"] = mask
+        inputs["cache_position"] = torch.arange(past, past + seq, dtype=torch.int64)
+        for i in range(_cfg_get(cfg, "num_hidden_layers", "n_layer")):
+            inputs[f"past_key_values.{i}.key"] = torch.randn(*_kv_shape(cfg, batch, L), generator=g)
+            inputs[f"past_key_values.{i}.value"] = torch.randn(*_kv_shape(cfg, batch, L), generator=g)
+        return inputs
     inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g, dtype=torch.int64)}
     total = past + seq
     mask = torch.ones(batch, total, dtype=torch.int64)
@@ -395,14 +847,18 @@ def make_inputs(spec: ModelSpec, cfg, kind: str, batch: int, seq: int, past: int
         for i in range(n_layers):
             inputs[f"past_key_values.{i}.key"] = torch.randn(*_kv_shape(cfg, batch, past), generator=g)
             inputs[f"past_key_values.{i}.value"] = torch.randn(*_kv_shape(cfg, batch, past), generator=g)
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, dec_seq), generator=g, dtype=torch.int64)
     return inputs
 
 
 def output_names(spec: ModelSpec, cfg, kind: str) -> list[str]:
     if kind == "encoder":
+        if spec.input_kind == "audio":
+            return ["last_hidden_state"]
         return ["logits"] if spec.input_kind == "image" else ["last_hidden_state", "pooler_output"]
     names = ["logits"]
-    if kind == "decode":
+    if kind in ("decode", "decode_static"):
         for i in range(_cfg_get(cfg, "num_hidden_layers", "n_layer")):
             names += [f"present.{i}.key", f"present.{i}.value"]
     return names
@@ -415,6 +871,13 @@ DYNAMIC_AXES_DOC = {
     "total_sequence_length": "decode: attention_mask dim 1 and present.* dim 2 (= past + sequence); the dynamo "
                              "exporter names present.* dim 2 'past_sequence_length + sequence_length'",
     "image models": "only batch is dynamic (image size fixed by the config)",
+    "audio models": "only batch is dynamic (input_features [batch, num_mel_bins, frames]; frames = "
+                    "2 * max_source_positions, fixed)",
+    "encoder_sequence_length": "seq2seq: input_ids / attention_mask dim 1 (encoder tokens)",
+    "decoder_sequence_length": "seq2seq: decoder_input_ids dim 1 and logits dim 1",
+    "decode_static": "batch and sequence_length (input_ids dim 1, cache_position dim 0, logits dim 1) are "
+                     "dynamic; the cache length (attention_mask dim 1, past_key_values.*/present.* dim 2) is "
+                     "fixed to cache_len",
 }
 
 
@@ -424,6 +887,19 @@ def dynamic_axes_ts(input_names, out_names, kind, input_kind) -> dict:
     if input_kind == "image":
         ax["pixel_values"] = {0: "batch"}
         ax["logits"] = {0: "batch"}
+        return ax
+    if input_kind == "audio":
+        return {"input_features": {0: "batch"}, "last_hidden_state": {0: "batch"}}
+    if kind == "seq2seq":
+        enc = {0: "batch", 1: "encoder_sequence_length"}
+        dec = {0: "batch", 1: "decoder_sequence_length"}
+        return {"input_ids": enc, "attention_mask": dict(enc), "decoder_input_ids": dec, "logits": dict(dec)}
+    if kind == "decode_static":
+        ax = {"input_ids": {0: "batch", 1: "sequence_length"}, "attention_mask": {0: "batch"},
+              "cache_position": {0: "sequence_length"}, "logits": {0: "batch", 1: "sequence_length"}}
+        for n in list(input_names) + list(out_names):
+            if n.startswith(("past_key_values", "present")):
+                ax[n] = {0: "batch"}
         return ax
     for n in input_names:
         if n == "input_ids":
@@ -446,9 +922,16 @@ def dynamic_shapes_dynamo(input_names, kind, input_kind) -> tuple:
     """dynamo-exporter dynamic_shapes (positional, matching the wrapper signature)."""
     Dim = torch.export.Dim
     batch = Dim("batch", min=1, max=1024)
-    if input_kind == "image":
+    if input_kind in ("image", "audio"):
         return ({0: batch},)
+    if kind == "seq2seq":
+        enc = Dim("encoder_sequence_length", min=1, max=4096)
+        dec = Dim("decoder_sequence_length", min=1, max=4096)
+        return ({0: batch, 1: enc}, {0: batch, 1: enc}, {0: batch, 1: dec})
     seq = Dim("sequence_length", min=1, max=4096)
+    if kind == "decode_static":
+        past_shapes = tuple({0: batch} for _ in input_names[3:])
+        return ({0: batch, 1: seq}, {0: batch}, {0: seq}, past_shapes)
     if kind != "decode":
         return tuple({0: batch, 1: seq} for _ in input_names)
     past = Dim("past_sequence_length", min=1, max=4096)
@@ -496,28 +979,42 @@ def wrap(spec: ModelSpec, model, kind: str) -> nn.Module:
     if kind == "prefill":
         return PrefillWrapper(model).eval()
     if kind == "decode":
-        return DecodeWrapper(model).eval()
+        return DecodeWrapper(model, full_layers=spec.sliding_window).eval()
+    if kind == "decode_static":
+        return StaticDecodeWrapper(model, spec.cache_len).eval()
+    if kind == "seq2seq":
+        return Seq2SeqWrapper(model).eval()
     if spec.input_kind == "image":
         return ImageEncoderWrapper(model).eval()
+    if spec.input_kind == "audio":
+        return AudioEncoderWrapper(model).eval()
     return TextEncoderWrapper(model).eval()
 
 
 # Example inputs used for tracing.  Batch 3 (not 2) so that the batch-2 verification
 # below also proves the batch axis is really dynamic.
-EXAMPLE = {"prefill": dict(batch=3, seq=8), "decode": dict(batch=3, seq=3, past=5), "encoder": dict(batch=3, seq=8)}
+EXAMPLE = {"prefill": dict(batch=3, seq=8), "decode": dict(batch=3, seq=3, past=5), "encoder": dict(batch=3, seq=8),
+           "seq2seq": dict(batch=3, seq=8, dec_seq=5), "decode_static": dict(batch=3, seq=3, past=5)}
 # Main verification shape: batch 2, a sequence length != the example, row 1 left-padded.
 VERIFY = {"prefill": dict(batch=2, seq=11, pad=3), "decode": dict(batch=2, seq=1, past=9, pad=3),
-          "encoder": dict(batch=2, seq=13, pad=4)}
+          "encoder": dict(batch=2, seq=13, pad=4), "seq2seq": dict(batch=2, seq=11, pad=3, dec_seq=7),
+          "decode_static": dict(batch=2, seq=1, past=9, pad=3)}
 # Additional verification shapes (run in addition to VERIFY).
 VERIFY_EXTRA = {
     "prefill": [dict(batch=1, seq=5)],
     "decode": [dict(batch=2, seq=4, past=6, pad=2), dict(batch=1, seq=1, past=1)],
     "encoder": [dict(batch=1, seq=5, pad=0)],
+    "seq2seq": [dict(batch=1, seq=5, dec_seq=1)],
+    # (cache_len 16) a 4-token chunk, the first token, and a write into the last slot
+    "decode_static": [dict(batch=2, seq=4, past=6, pad=2), dict(batch=1, seq=1, past=0),
+                      dict(batch=2, seq=1, past=15, pad=1)],
 }
 
 
 def file_name(spec, kind, attn, exporter):
-    return f"{spec.name}_{kind}_{attn}_{exporter}.onnx"
+    # kinds with an underscore ("decode_static") use a dash in file names, so that the name
+    # still splits as <spec>_<kind>_<attn>_<exporter>
+    return f"{spec.name}_{kind.replace('_', '-')}_{attn}_{exporter}.onnx"
 
 
 _DROP_METADATA = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes"}
@@ -602,20 +1099,34 @@ def _torch_outputs(wrapper, inputs):
 def structure_check(path: str, entry: dict) -> list[str]:
     """Cheap consistency check of the config-derived ground truth against the graph:
     Softmax (+ native Attention) count == attention_cores, and the number of Concat
-    nodes fed directly by a past_key_values input == kv_cache_writes.  (Valid for
-    the current unfused exports; not a general attention detector.)"""
+    nodes fed directly by a past_key_values input == kv_cache_writes (decode_static:
+    ScatterND/ScatterElements nodes whose data input is a past_key_values input, possibly
+    through Transpose/Identity).  (Valid for the current unfused exports; not a general
+    attention detector.)"""
     import onnx
 
     m = onnx.load(path)
     nodes = list(m.graph.node)
     n_softmax = sum(n.op_type == "Softmax" for n in nodes) + entry.get("native_attention_ops", 0)
     past = {i.name for i in m.graph.input if i.name.startswith("past_key_values")}
-    n_kv = sum(n.op_type == "Concat" and any(i in past for i in n.input) for n in nodes)
+    if entry["kind"] == "decode_static":
+        producer = {o: n for n in nodes for o in n.output}
+
+        def from_past(name):
+            while name not in past and name in producer and producer[name].op_type in ("Transpose", "Identity"):
+                name = producer[name].input[0]
+            return name in past
+
+        op = "Scatter"
+        n_kv = sum(n.op_type in ("ScatterND", "ScatterElements") and from_past(n.input[0]) for n in nodes)
+    else:
+        op = "Concat"
+        n_kv = sum(n.op_type == "Concat" and any(i in past for i in n.input) for n in nodes)
     problems = []
     if n_softmax != entry["attention_cores"]:
         problems.append(f"softmax {n_softmax} != attention_cores {entry['attention_cores']}")
     if n_kv != entry["kv_cache_writes"]:
-        problems.append(f"past Concat {n_kv} != kv_cache_writes {entry['kv_cache_writes']}")
+        problems.append(f"past {op} {n_kv} != kv_cache_writes {entry['kv_cache_writes']}")
     if [i.name for i in m.graph.input] != entry["inputs"] or [o.name for o in m.graph.output] != entry["outputs"]:
         problems.append("graph inputs/outputs differ from manifest")
     return problems
@@ -645,7 +1156,10 @@ def verify_one(spec: ModelSpec, kind: str, attn: str, path: str) -> dict:
         # last_hidden_state) is compared on real-token positions only; the diff
         # on padded rows is reported for information.
         valid = None
-        if "attention_mask" in inp and ref[0].ndim == 3:
+        if kind == "decode_static":
+            valid = inp["attention_mask"][:, inp["cache_position"]].numpy().astype(bool)
+        elif kind != "seq2seq" and "attention_mask" in inp and ref[0].ndim == 3:
+            # (seq2seq: the mask is the encoder's; no decoder query row is fully masked)
             valid = inp["attention_mask"][:, -ref[0].shape[1]:].numpy().astype(bool)
         diffs, pad_diff = [], 0.0
         for j, (r, g) in enumerate(zip(ref, got)):
@@ -660,10 +1174,27 @@ def verify_one(spec: ModelSpec, kind: str, attn: str, path: str) -> dict:
             diffs.append(float(np.nan_to_num(d, nan=np.inf).max()))
         nan = any(np.isnan(g).any() for g in got) or any(np.isnan(r).any() for r in ref)
         shape_ok = all(r.shape == g.shape for r, g in zip(ref, got))
-        results.append(dict(shape=shp, logits_max_abs_diff=diffs[0], max_abs_diff_all=max(diffs),
-                            padded_rows_diff=pad_diff, nan=bool(nan), shape_ok=shape_ok))
-    ok = all(r["max_abs_diff_all"] < TOL and not r["nan"] and r["shape_ok"] for r in results)
-    return dict(ok=ok, checks=results)
+        res = dict(shape=shp, logits_max_abs_diff=diffs[0], max_abs_diff_all=max(diffs),
+                   padded_rows_diff=pad_diff, nan=bool(nan), shape_ok=shape_ok)
+        if spec.sliding_window and shp is shapes[0]:
+            # Does the exported graph really apply the window?  Compare the ONNX logits with the
+            # same weights and the window disabled (sliding_window larger than any length): they
+            # must differ (the test lengths exceed the window).
+            saved = model.config.sliding_window
+            model.config.sliding_window = 1 << 20
+            try:
+                ref_nowin = _torch_outputs(wrapper, inp)
+            finally:
+                model.config.sliding_window = saved
+            d = np.abs(ref_nowin[0] - got[0])
+            res["window_effect"] = float((d[valid] if valid is not None else d).max())
+        results.append(res)
+    ok = all(r["max_abs_diff_all"] < TOL and not r["nan"] and r["shape_ok"]
+             and r.get("window_effect", 1.0) > WINDOW_EFFECT_MIN for r in results)
+    out = dict(ok=ok, checks=results)
+    if any(r.get("window_effect", 1.0) <= WINDOW_EFFECT_MIN for r in results):
+        out["error"] = "sliding window has no effect on the outputs"
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -707,6 +1238,8 @@ def main(argv=None):
         for kind in spec.kinds:
             for attn in spec.attn_impls:
                 if args.attn and attn not in args.attn:
+                    continue
+                if not args.attn and attn in spec.optional_attn_impls:
                     continue
                 for exporter in args.exporters:
                     jobs.append((spec, kind, attn, exporter))
@@ -790,7 +1323,7 @@ def main(argv=None):
         rows.append((fname, entry, res))
 
     print()
-    hdr = f"{'file':52} {'opset':>5} {'KiB':>6}  {'max|diff| per check':34} result"
+    hdr = f"{'file':60} {'opset':>5} {'KiB':>6}  {'max|diff| per check':34} result"
     print(hdr)
     print("-" * len(hdr))
     n_fail = 0
@@ -798,13 +1331,15 @@ def main(argv=None):
         size = os.path.getsize(os.path.join(args.out, fname)) / 1024
         diffs = " ".join(f"{c['max_abs_diff_all']:.1e}" + ("(NaN)" if c["nan"] else "")
                          + (f"[pad {c['padded_rows_diff']:.0e}]" if c["padded_rows_diff"] > 1e-3 else "")
+                         + (f"[win {c['window_effect']:.1e}]" if "window_effect" in c else "")
                          for c in res["checks"])
         status = "OK" if res["ok"] else "FAIL " + res.get("error", "")
         n_fail += not res["ok"]
-        print(f"{fname:52} {entry['opset']:>5} {size:6.0f}  {diffs:34} {status}")
+        print(f"{fname:60} {entry['opset']:>5} {size:6.0f}  {diffs:34} {status}")
     print(f"\nchecks: {' | '.join(f'{k}: ' + ', '.join(_fmt_shape(x) for x in [VERIFY[k]] + VERIFY_EXTRA.get(k, [])) for k in VERIFY)}")
     print("values are max |onnxruntime - torch| over all outputs; [pad X] = diff on rows of left-padding query")
-    print("positions (undefined: fully masked softmax row), excluded from the comparison")
+    print("positions (undefined: fully masked softmax row), excluded from the comparison; [win X] = max |onnxruntime -")
+    print(f"torch with the sliding window disabled| (must be > {WINDOW_EFFECT_MIN}: the window is applied)")
     for sk in manifest["skipped"]:
         print(f"skipped {sk['file']}: {sk['reason']}")
     print(f"{len(rows)} verified, {n_fail} failed, {len(manifest['skipped'])} skipped")

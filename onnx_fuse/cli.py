@@ -7,24 +7,47 @@ Exit codes: 0 success, 1 the equivalence check failed (nothing written), 2 bad i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
+import warnings
 
 from .errors import BadInput, CheckFailed
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr like every other error."""
+
+    def error(self, message):
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        args = _parser().parse_args(argv)
+    except _UsageError as exc:
+        return _error(str(exc), EXIT_BAD_INPUT)
+    try:
+        with warnings.catch_warnings(), _native_stderr_silenced():
+            if not os.environ.get("ONNX_FUSE_DEBUG"):
+                warnings.simplefilter("ignore")  # library warnings would add lines to stderr
+            return args.run(args)
     except BadInput as exc:
         return _error(str(exc), EXIT_BAD_INPUT)
     except CheckFailed as exc:
         if getattr(args, "report", None) and exc.check is not None:
-            _write_report(args.report, {"check": exc.check, "error": str(exc)})
+            try:
+                _write_report(args.report, {"check": exc.check, "error": str(exc)})
+            except BadInput:
+                pass  # the check's verdict is the error to report
         return _error(str(exc), EXIT_CHECK_FAILED)
     except KeyboardInterrupt:
         return _error("interrupted", EXIT_INTERNAL)
@@ -39,8 +62,36 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"internal error: {type(exc).__name__}: {line[0] if line else ''}", EXIT_INTERNAL)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """onnxruntime's and onnx's C++ code log straight to file descriptor 2 (a failing session,
+    the version converter's warnings); while the command runs that goes to /dev/null, so that an
+    error is the one line printed after. ONNX_FUSE_DEBUG keeps it."""
+    if os.environ.get("ONNX_FUSE_DEBUG"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnx-fuse", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="onnx-fuse", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     fuse = commands.add_parser("fuse", help="rewrite a model with fused ops")
@@ -70,14 +121,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _fuse(args) -> int:
     from .fuse import fuse
+    from .model_io import check_output_path, external_files, load_model
 
     if os.path.abspath(args.output) == os.path.abspath(args.input):
         raise BadInput("refusing to overwrite the input model; give -o another path")
+    source = load_model(args.input)
+    # Everything that could stop the output from being written is checked before the work.
+    data_files = [os.path.join(source.base_dir, loc) for loc in external_files(source.model)]
+    check_output_path(args.output, args.input, data_files)
+    if args.report:
+        if os.path.abspath(args.report) in (os.path.abspath(args.output), os.path.abspath(args.input)):
+            raise BadInput(f"{args.report}: the report may not overwrite a model")
+        check_output_path(args.report, args.input, data_files)
     inputs = _load_inputs(args.inputs)
-    result = fuse(args.input, target=args.target, check=args.check, inputs=inputs)
+    result = fuse(source, target=args.target, check=args.check, inputs=inputs)
     result.save(args.output)
     if args.report:
-        _write_report(args.report, result.report)
+        try:
+            _write_report(args.report, result.report)
+        except BadInput:
+            os.unlink(args.output)  # all or nothing
+            raise
     print(_summary(result.report))
     print(f"wrote {args.output}")
     return EXIT_OK
@@ -138,15 +202,24 @@ def _summary(report: dict) -> str:
 
 
 def _write_report(path: str, report: dict) -> None:
+    tmp = None
     try:
-        with open(path, "w") as f:
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=directory)
+        with os.fdopen(fd, "w") as f:
             json.dump(report, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
     except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
         raise BadInput(f"{path}: cannot write the report ({exc.strerror})") from None
 
 
 def _error(message: str, code: int) -> int:
-    print(f"onnx-fuse: error: {message}", file=sys.stderr)
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"onnx-fuse: error: {line}", file=sys.stderr)
     return code
 
 

@@ -3,6 +3,7 @@ and prove the result equal to the input."""
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -25,9 +26,13 @@ class FuseResult:
     report: dict
     base_dir: str | None = None
     changed: bool = field(default=False)
+    source_path: str | None = None  # the file the model was read from, if any
 
     def save(self, path: str) -> None:
-        save_model(self.model, path, self.base_dir)
+        """Write the model to `path` (never over the source file): a temporary file beside it,
+        then a rename; external data files are copied beside it when it goes elsewhere. A model
+        that passed through unchanged is written as a byte copy of its source file."""
+        save_model(self.model, path, self.base_dir, self.source_path, unchanged=not self.changed)
 
 
 def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = None,
@@ -38,6 +43,19 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = 
     disagreement raises CheckFailed, so a wrong model is never returned. `apply=False` only
     reports what would fuse. Raises BadInput for models that cannot be used.
     """
+    # The graph is hundreds of thousands of small objects that live until the pass ends: the
+    # cyclic garbage collector would rescan them over and over (time growing faster than the
+    # graph), so it is paused for the pass and whatever became garbage is collected after.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _fuse(model, target, check, inputs, apply)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool) -> FuseResult:
     started = time.perf_counter()
     source = _source(model)
     chosen = get_target(target)
@@ -47,30 +65,42 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = 
     report["opset"] = {"from": from_opset, "to": from_opset}
 
     proof = _Proof(source, inputs) if check else None
+    rules = _rules()
     working = source.model
-    graph = Graph(_with_shapes(working))
+    graph = None
+    result = PassResult()
     needs_opset = from_opset < chosen.min_opset
-    result = run_rules(graph, _rules(), chosen.emit, apply=apply and not needs_opset)
-    if apply and result.fused and needs_opset:
-        # Match first, convert only when something will fuse: a model with nothing to fuse
-        # passes through untouched.
-        try:
-            working = raise_opset(source.model, chosen.min_opset)
-            if proof is not None:
-                proof.require(working, "the opset conversion")
-        except (OpsetError, CheckFailed) as exc:
-            result = _blocked(result, f"cannot raise the opset from {from_opset} to "
-                                      f"{chosen.min_opset}: {exc}")
-            working = source.model
+    if _has_anchors(source.model, rules):  # a model without candidates is not even imported
+        weights = _Weights(source.model)
+        if apply and needs_opset:
+            # Convert first and match once on the converted model; keep the conversion only if
+            # something fuses, so a model with nothing to fuse passes through untouched.
+            try:
+                converted = _convert(source.model, weights, chosen.min_opset)
+            except OpsetError as exc:
+                graph = _graph(weights.lean, weights, source.base_dir)
+                result = _blocked(run_rules(graph, rules, chosen.emit, apply=False),
+                                  _opset_reason(from_opset, chosen.min_opset, exc))
+            else:
+                graph = _graph(converted, weights, source.base_dir)
+                result = run_rules(graph, rules, chosen.emit, apply=True)
+                if result.fused:
+                    try:
+                        if proof is not None:
+                            proof.require(weights.restore(converted), "the opset conversion")
+                    except CheckFailed as exc:
+                        result = _blocked(result, _opset_reason(from_opset, chosen.min_opset, exc))
+                    else:
+                        working = converted  # the template for export: weights not needed
+                        report["opset"]["to"] = chosen.min_opset
         else:
-            report["opset"]["to"] = chosen.min_opset
-            graph = Graph(_with_shapes(working))
-            result = run_rules(graph, _rules(), chosen.emit, apply=True)
+            graph = _graph(weights.lean, weights, source.base_dir)
+            result = run_rules(graph, rules, chosen.emit, apply=apply and not needs_opset)
 
     _describe(report, result)
     changed = apply and bool(result.fused)
     output = export(graph, working) if changed else source.model
-    fused = FuseResult(output, report, source.base_dir, changed)
+    fused = FuseResult(output, report, source.base_dir, changed, source.path)
     if proof is not None and changed:
         try:
             proof.require(output, "the fused model")
@@ -97,12 +127,117 @@ def _source(model) -> SourceModel:
     raise BadInput(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
 
 
+def _has_anchors(model: onnx.ModelProto, rules) -> bool:
+    anchors = {rule.anchor for rule in rules}
+    return any(node.op_type in anchors for node in model.graph.node)
+
+
+def _opset_reason(from_opset: int, to_opset: int, exc: Exception) -> str:
+    return f"cannot raise the opset from {from_opset} to {to_opset}: {exc}"
+
+
+def _graph(model: onnx.ModelProto, weights: "_Weights", base_dir: str | None) -> Graph:
+    """The graph to match on: `model` (weights possibly set aside) with inferred shapes."""
+    return Graph(weights.restore(_with_shapes(model)), base_dir)
+
+
 def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference on a copy; rules that need shapes it cannot find say so."""
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # inference is best effort: a model it cannot type still loads
         return model
+
+
+def _convert(model: onnx.ModelProto, weights: "_Weights", version: int) -> onnx.ModelProto:
+    """The model raised to opset `version`, its large weights possibly still set aside."""
+    if weights.lean is model:
+        return raise_opset(model, version)
+    try:
+        converted = raise_opset(weights.lean, version)
+    except OpsetError:
+        converted = None
+    if converted is None or not weights.restorable(converted):
+        return raise_opset(model, version)  # the converter needed the weights after all
+    return converted
+
+
+# Inline initializers with more elements than this are set aside while onnx's C++ tools (version
+# converter, shape inference) run, which copy the whole model in and out: only the graph travels.
+_SET_ASIDE_ELEMENTS = 1024
+_SET_ASIDE = "onnx-fuse:set-aside"
+
+
+class _Weights:
+    """A model's large inline initializers and a lean copy of it where each is a placeholder
+    (same name, type and dims; its data "external" in a file that does not exist)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.tensors: dict[str, onnx.TensorProto] = {}
+        names = [t.name for t in model.graph.initializer]
+        if len(set(names)) == len(names):
+            self.tensors = {t.name: t for t in model.graph.initializer if _large_inline(t)}
+        self.lean = _lean_copy(model, self.tensors) if self.tensors else model
+
+    def restorable(self, model: onnx.ModelProto) -> bool:
+        return all(t.name in self.tensors for t in model.graph.initializer if _is_placeholder(t))
+
+    def restore(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Put the weights back into `model` (in place, a copy of each); returns it."""
+        if self.tensors:
+            if not self.restorable(model):
+                raise RuntimeError("a weight set aside for the version converter went missing")
+            for tensor in model.graph.initializer:
+                if _is_placeholder(tensor):
+                    tensor.CopyFrom(self.tensors[tensor.name])
+        return model
+
+
+def _large_inline(tensor: onnx.TensorProto) -> bool:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.name:
+        return False
+    elements = 1
+    for d in tensor.dims:
+        elements *= d
+    return elements > _SET_ASIDE_ELEMENTS
+
+
+def _is_placeholder(tensor: onnx.TensorProto) -> bool:
+    return (tensor.data_location == onnx.TensorProto.EXTERNAL and len(tensor.external_data) == 1
+            and tensor.external_data[0].value == _SET_ASIDE)
+
+
+def _lean_copy(model: onnx.ModelProto, aside: dict) -> onnx.ModelProto:
+    """`model` with the tensors in `aside` replaced by placeholders, never copying their data."""
+    lean = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            _copy_field(lean, descriptor, value)
+    for descriptor, value in model.graph.ListFields():
+        if descriptor.name != "initializer":
+            _copy_field(lean.graph, descriptor, value)
+    for tensor in model.graph.initializer:
+        if tensor.name in aside:
+            placeholder = lean.graph.initializer.add()
+            placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
+            placeholder.dims.extend(tensor.dims)
+            placeholder.data_location = onnx.TensorProto.EXTERNAL
+            entry = placeholder.external_data.add()
+            entry.key, entry.value = "location", _SET_ASIDE
+        else:
+            lean.graph.initializer.add().CopyFrom(tensor)
+    return lean
+
+
+def _copy_field(target, descriptor, value) -> None:
+    repeated = (descriptor.is_repeated if hasattr(descriptor, "is_repeated")  # protobuf >= 5.28
+                else descriptor.label == descriptor.LABEL_REPEATED)
+    if repeated:
+        getattr(target, descriptor.name).extend(value)
+    elif descriptor.type == descriptor.TYPE_MESSAGE:
+        getattr(target, descriptor.name).CopyFrom(value)
+    else:
+        setattr(target, descriptor.name, value)
 
 
 def _blocked(result: PassResult, reason: str) -> PassResult:
@@ -121,20 +256,23 @@ def _describe(report: dict, result: PassResult) -> None:
 def export(graph: Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """The rewritten graph in a model that keeps the template's metadata, opsets and the
     doc strings and metadata of every node that survived; fused nodes say which rule made them."""
-    exported = gs.export_onnx(graph.gs, do_type_check=False)
-    model = onnx.ModelProto()
+    model = gs.export_onnx(graph.gs, do_type_check=False)
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
                  "doc_string"):
         setattr(model, name, getattr(template, name))
+    del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    exported_opsets = [(o.domain, o.version) for o in model.opset_import]
+    del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
     known = {o.domain for o in model.opset_import}
-    for opset in exported.opset_import:
-        if opset.domain not in known:
-            model.opset_import.append(opset)
-    model.graph.CopyFrom(exported.graph)
+    for domain, version in exported_opsets:
+        if domain not in known:
+            model.opset_import.add(domain=domain, version=version)
+    del model.functions[:]
     model.functions.extend(template.functions)
-    originals = {n.name: n for n in template.graph.node if n.name}
+    originals = {n.name: n for n in template.graph.node
+                 if n.name and (n.doc_string or len(n.metadata_props))}
     for node in model.graph.node:
         rule = graph.fused_by.get(node.name)
         if rule is not None:
@@ -156,13 +294,18 @@ class _Proof:
         self.last: dict | None = None
 
     def require(self, model: onnx.ModelProto, what: str) -> None:
-        from .check import ModelRef, check_equivalent, run_model, synthesize_inputs
+        from .check import CheckError, ModelRef, check_equivalent, run_model, synthesize_inputs
 
         reference = ModelRef(self.source.model, self.source.base_dir)
         if self.inputs is None:
             self.inputs = synthesize_inputs(reference)
         if self.reference_outputs is None:
-            self.reference_outputs = run_model(reference, self.inputs)
+            try:
+                self.reference_outputs = run_model(reference, self.inputs)
+            except Exception as exc:  # onnxruntime raises many unrelated exception types
+                lines = str(exc).strip().splitlines()
+                raise CheckError("the input model failed to run: "
+                                 + (lines[0] if lines else type(exc).__name__)) from None
         outcome = check_equivalent(reference, ModelRef(model, self.source.base_dir), self.inputs,
                                    reference_outputs=self.reference_outputs)
         self.last = outcome.to_json()

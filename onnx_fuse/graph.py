@@ -24,12 +24,13 @@ MAX_FOLD_ELEMENTS = 1 << 16
 class Graph:
     """The model being rewritten."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+        self.base_dir = base_dir  # where the model's external data files are, if known
         self.opsets = {o.domain or "": o.version for o in model.opset_import}
         self.gs = gs.import_onnx(model)
         self._by_op: dict[str, list[Node]] | None = None
         self._values: dict[int, np.ndarray | None] = {}
-        self._used_names = {t for t in self.gs.tensors()} | {n.name for n in self.gs.nodes}
+        self._used_names = _names(model.graph)
         self._output_ids = {id(t) for t in self.gs.outputs}
         self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
         self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
@@ -83,8 +84,11 @@ class Graph:
     def _refine_shapes(self) -> None:
         """One forward pass in graph order: static dims that shape inference missed."""
         for node in self.gs.nodes:
-            if len(node.outputs) != 1:
+            if len(node.outputs) != 1 or node.op not in _DERIVED:
                 continue
+            inferred = node.outputs[0].shape
+            if inferred is not None and all(isinstance(d, int) for d in inferred):
+                continue  # fully static already: nothing to fill in
             try:
                 derived = _derive_shape(self, node)
             except (ValueError, TypeError, IndexError, KeyError, AttributeError):
@@ -191,11 +195,28 @@ class Graph:
                 return None
         return None
 
+    def _constant_value(self, tensor: gs.Constant) -> np.ndarray | None:
+        """A small constant's value; one stored in external data is read from the model's
+        directory (None where that is unknown or unreadable), never relative to the cwd."""
+        proto = getattr(tensor._values, "tensor", None)  # graphsurgeon's LazyValues
+        if isinstance(proto, onnx.TensorProto) and proto.data_location == onnx.TensorProto.EXTERNAL:
+            if self.base_dir is None:
+                return None
+            from onnx.numpy_helper import to_array
+
+            copy = onnx.TensorProto()
+            copy.CopyFrom(proto)  # reading external data fills the tensor in: not the model's
+            try:
+                return to_array(copy, self.base_dir)
+            except Exception:  # a missing or short file, a checker error: not foldable
+                return None
+        return np.asarray(tensor.values)
+
     def _fold(self, tensor: Tensor) -> np.ndarray | None:
         if isinstance(tensor, gs.Constant):
             if int(np.prod(tensor.shape, dtype=np.int64)) > MAX_FOLD_ELEMENTS:
                 return None
-            return np.asarray(tensor.values)
+            return self._constant_value(tensor)
         node = self.producer(tensor)
         if node is None or len(node.outputs) != 1:
             return None
@@ -222,10 +243,23 @@ class Graph:
         return np.asarray(folder(node, inputs))
 
 
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every node and tensor name of the graph (fresh names avoid them)."""
+    names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    names.update(v.name for v in graph.output)
+    names.update(v.name for v in graph.value_info)
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
 _SAME_SHAPE = {"Cast", "Neg", "Sqrt", "Relu", "Softmax", "Identity", "Tanh", "Sigmoid", "Exp",
                "Erf", "Not", "IsNaN", "IsInf", "Reciprocal", "CastLike", "Abs", "Log", "Sin", "Cos"}
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "And", "Or", "Equal", "Less",
               "LessOrEqual", "Greater", "GreaterOrEqual", "Where", "Xor", "Mod"}
+_DERIVED = _SAME_SHAPE | _BROADCAST | {"Transpose", "MatMul", "Reshape", "Expand", "Slice", "Concat"}  # see _derive_shape
 
 
 def _broadcast(shapes: list[tuple]) -> tuple:
@@ -291,7 +325,35 @@ def _derive_shape(graph: Graph, node: Node) -> tuple | None:
     if node.op == "Expand" and shapes[0] is not None:
         target = graph.dims(node.inputs[1])
         return None if target is None else _broadcast([shapes[0], tuple(target)])
+    if node.op == "Concat" and shapes and all(s is not None for s in shapes):
+        rank = len(shapes[0])
+        if any(len(s) != rank for s in shapes):
+            return None
+        axis = node.attrs["axis"] % rank
+        joined = [d[axis] for d in shapes]
+        out = [next((d[i] for d in shapes if isinstance(d[i], int)), shapes[0][i]) for i in range(rank)]
+        out[axis] = sum(joined) if all(isinstance(d, int) for d in joined) else None
+        return tuple(out)
+    if node.op == "Slice" and shapes[0] is not None and len(node.inputs) >= 3:
+        return _sliced_shape(graph, node, shapes[0])
     return None
+
+
+def _sliced_shape(graph: Graph, node: Node, shape: tuple) -> tuple | None:
+    """A Slice's output dims: static where the sliced dim and the bounds are (e.g. the rotated
+    channels of a partial RoPE, cut from a head whose size shape inference lost)."""
+    bounds = [graph.value(t) if t.name else None for t in node.inputs[1:5]]
+    if any(b is None for b, t in zip(bounds, node.inputs[1:5]) if t.name):
+        return None
+    starts, ends = (np.asarray(b).reshape(-1) for b in bounds[:2])
+    axes = range(len(starts)) if len(bounds) < 3 or bounds[2] is None else np.asarray(bounds[2]).reshape(-1)
+    steps = [1] * len(starts) if len(bounds) < 4 or bounds[3] is None else np.asarray(bounds[3]).reshape(-1)
+    out = list(shape)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = int(axis) % len(shape)
+        dim = shape[axis]
+        out[axis] = len(range(*slice(int(start), int(end), int(step)).indices(dim))) if isinstance(dim, int) else None
+    return tuple(out)
 
 
 def onnx_dtype(tensor: Tensor) -> int | None:

@@ -140,5 +140,62 @@ def run_rules(graph: Graph, rules: list[Rule], emit: Callable[[Any, Rewrite], No
             consumed.update(id(n) for n in found.nodes)
             result.fused.append(Fused(rule.name, label, spec))
     if apply and result.fused:
-        graph.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        tidy(graph.gs)
     return result
+
+
+def tidy(g: gs.Graph) -> None:
+    """Remove the nodes no graph output depends on and sort the rest topologically, keeping
+    the existing order wherever it already is one: a node a rewrite appended lands just before
+    its first consumer. Linear in the graph; graphs with subgraphs (If, Loop, Scan) or local
+    functions go through graphsurgeon's general cleanup and toposort instead."""
+    if g.functions or any(isinstance(v, gs.Graph) or isinstance(v, list) and v
+                          and isinstance(v[0], gs.Graph)
+                          for node in g.nodes for v in node.attrs.values()):
+        g.cleanup(remove_unused_graph_inputs=False).toposort()
+        return
+    for tensor in g.inputs:  # a graph input has no producer
+        tensor.inputs.clear()
+    used: set[int] = set()
+    seen: set[int] = set()
+    stack = list(g.outputs)
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        for producer in tensor.inputs:
+            if id(producer) not in used:
+                used.add(id(producer))
+                stack.extend(producer.inputs)
+    kept = []
+    for node in g.nodes:
+        if id(node) in used:
+            kept.append(node)
+        else:
+            node.inputs.clear()
+            node.outputs.clear()
+    order: list[Node] = []
+    state: dict[int, bool] = {}  # False while a node's inputs are being placed, True once placed
+    for root in kept:
+        if id(root) in state:
+            continue
+        state[id(root)] = False
+        work = [(root, iter([p for t in root.inputs for p in t.inputs]))]
+        while work:
+            node, producers = work[-1]
+            for producer in producers:
+                placed = state.get(id(producer))
+                if placed is None:
+                    state[id(producer)] = False
+                    work.append((producer, iter([p for t in producer.inputs for p in t.inputs])))
+                    break
+                if not placed:  # a cycle: let graphsurgeon report it
+                    g.nodes = kept
+                    g.toposort()
+                    return
+            else:
+                work.pop()
+                state[id(node)] = True
+                order.append(node)
+    g.nodes = order

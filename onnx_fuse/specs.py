@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .graph import Tensor
+
+if TYPE_CHECKING:
+    from .masks import MaskClass
 
 Dim = int | str | None
 
@@ -21,6 +27,25 @@ class MaskSpec:
     kind: str
     tensor: Tensor
     fill: float | None = None
+    bias: Tensor | None = None  # a second additive term (scores + bias + tensor)
+    klass: "MaskClass | None" = None  # what `tensor` computes, proven by evaluation (masks.py)
+
+    @property
+    def hides_nothing(self) -> bool:
+        """Proven to hide no key anywhere (e.g. ViT's all-zero mask): it can be dropped."""
+        return self.bias is None and self.klass is not None and self.klass.kind == "none"
+
+    @property
+    def upper_left_causal(self) -> bool:
+        """Exactly Attention's is_causal (without past_key): the mask can be dropped."""
+        return self.bias is None and self.klass is not None and self.klass.kind == "causal_upper_left"
+
+    @property
+    def boolean_exact(self) -> bool:
+        """A proven mask (0 / hidden values) with no fully hidden query row, so a boolean mask
+        computes exactly what the additive one did."""
+        return (self.bias is None and self.klass is not None and self.klass.kind != "arbitrary"
+                and not self.klass.empty_rows)
 
 
 @dataclass
@@ -49,6 +74,9 @@ class AttentionSpec:
             "scale": round(self.scale, 8),
             "softcap": self.softcap,
             "mask": None if self.mask is None else self.mask.kind,
+            "mask_class": None if self.mask is None or self.mask.klass is None else self.mask.klass.kind,
+            "window": None if self.mask is None or self.mask.klass is None else self.mask.klass.window,
+            "is_causal": self.mask is not None and self.mask.upper_left_causal,
             "dtype": _dtype_name(self.dtype),
         }
 
@@ -57,3 +85,35 @@ def _dtype_name(onnx_type: int) -> str:
     import onnx
 
     return onnx.TensorProto.DataType.Name(onnx_type).lower()
+
+
+@dataclass
+class RotarySpec:
+    """Rotary position embedding with the semantics of ONNX RotaryEmbedding (opset 23): the first
+    `rotary_dim` channels of each head rotate by cos/sin_cache[position], the rest pass through."""
+
+    input: Tensor  # x, laid out as `layout` says
+    output: Tensor  # the fused op takes over this tensor
+    positions: Tensor  # integer positions, [seq] or [1 or batch, seq], as the graph computes them
+    cos_cache: np.ndarray  # [max_positions, rotary_dim / 2], x's dtype
+    sin_cache: np.ndarray
+    cache_key: object  # specs with equal keys share one pair of cache initializers
+    interleaved: bool  # pairs (x0, x1), (x2, x3), ... rather than halves (x_i, x_{i + rotary_dim/2})
+    rotary_dim: int
+    head_size: int
+    layout: str  # "bnsh" / "bsnh": 4-D after / before the head transpose; "bsh": 3-D, one head
+    dtype: int  # onnx dtype of x
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.cos_cache.shape[0])
+
+    def summary(self) -> dict:
+        return {
+            "interleaved": self.interleaved,
+            "rotary_dim": self.rotary_dim,
+            "head_size": self.head_size,
+            "max_positions": self.max_positions,
+            "layout": self.layout,
+            "dtype": _dtype_name(self.dtype),
+        }

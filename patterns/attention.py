@@ -20,6 +20,7 @@ import numpy as np
 from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
 from onnx_fuse.pattern import Match, const, either, match, maybe, op, var
 from onnx_fuse.rewrite import Reject, Rule
+from onnx_fuse.masks import classify_mask_spec
 from onnx_fuse.specs import AttentionSpec, MaskSpec
 
 
@@ -58,8 +59,11 @@ capped = either(
     scores,
 )
 scores_any_dtype = casts(capped, "scores_cast")
+# An additive bias (T5's relative positions, ALiBi) may come as its own Add before the mask.
+biased_scores = either(op.Add(scores_any_dtype, var("bias"), commutative=True, name="bias_op"),
+                       scores_any_dtype)
 masked_scores = either(
-    op.Add(scores_any_dtype, var("mask"), commutative=True, name="mask_op"),
+    op.Add(biased_scores, var("mask"), commutative=True, name="mask_op"),
     op.Where(var("keep"), scores_any_dtype, const("keep_fill", _uniform), name="mask_op"),
     op.Where(var("drop"), const("drop_fill", _uniform), scores_any_dtype, name="mask_op"),
     scores_any_dtype,
@@ -262,7 +266,10 @@ def _mask(graph: Graph, m: Match, dtype: int, softmax_dtype: int | None) -> Mask
         tensor = m["mask"]
         if onnx_dtype(tensor) != dtype:
             raise Reject("the additive mask's type differs from Q's")
-        spec = MaskSpec("additive", tensor)
+        bias = m.get("bias")
+        if bias is not None and onnx_dtype(bias) != dtype:
+            raise Reject("the additive bias's type differs from Q's")
+        spec = MaskSpec("additive", tensor, bias=bias)
     elif "keep" in m.captures or "drop" in m.captures:
         kind = "keep" if "keep" in m.captures else "drop"
         fill = float(np.asarray(m[f"{kind}_fill"]).reshape(-1)[0])
@@ -274,13 +281,15 @@ def _mask(graph: Graph, m: Match, dtype: int, softmax_dtype: int | None) -> Mask
         spec = MaskSpec(kind, tensor, fill)
     else:
         return None
-    mask_shape = graph.shape(spec.tensor)
-    if mask_shape is None or len(mask_shape) > 4:
-        raise Reject("the mask's rank is unknown or above 4")
-    if scores_shape is not None:
-        for mask_dim, score_dim in zip(reversed(mask_shape), reversed(scores_shape)):
-            if isinstance(mask_dim, int) and mask_dim > 1 and score_dim == 1:
-                raise Reject("the mask broadcasts the scores to a larger shape")
+    for term in (spec.tensor, spec.bias):
+        shape = None if term is None else graph.shape(term)
+        if term is not None and (shape is None or len(shape) > 4):
+            raise Reject("the mask's rank is unknown or above 4")
+        if shape is not None and scores_shape is not None:
+            for mask_dim, score_dim in zip(reversed(shape), reversed(scores_shape)):
+                if isinstance(mask_dim, int) and mask_dim > 1 and score_dim == 1:
+                    raise Reject("the mask broadcasts the scores to a larger shape")
+    spec.klass = classify_mask_spec(graph, spec, query_len=m["q"], key_len=m["v"])
     return spec
 
 

@@ -12,9 +12,9 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from ..graph import Tensor
+from ..graph import Tensor, _broadcast, onnx_dtype
 from ..rewrite import Rewrite
-from ..specs import AttentionSpec, MaskSpec
+from ..specs import AttentionSpec, MaskSpec, RotarySpec
 
 MIN_OPSET = 23
 
@@ -22,6 +22,8 @@ MIN_OPSET = 23
 def emit(spec, rw: Rewrite) -> None:
     if isinstance(spec, AttentionSpec):
         emit_attention(spec, rw)
+    elif isinstance(spec, RotarySpec):
+        emit_rotary(spec, rw)
     else:
         raise TypeError(f"target onnx cannot emit {type(spec).__name__}")
 
@@ -31,9 +33,11 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     if spec.key_perm is not None:
         key = rw.op("Transpose", [key], {"perm": list(spec.key_perm)}, dtype=key.dtype)
     inputs = [spec.query, key, spec.value]
-    if spec.mask is not None:
-        inputs.append(attention_mask(spec, rw))
     attrs = {"scale": float(spec.scale)}
+    if spec.mask is not None and spec.mask.upper_left_causal:
+        attrs["is_causal"] = 1  # proven upper-left causal: the kernel needs no mask tensor
+    elif spec.mask is not None and not spec.mask.hides_nothing:
+        inputs.append(attention_mask(spec, rw))
     if spec.softcap:
         attrs["softcap"] = float(spec.softcap)
     if spec.softmax_dtype is not None:
@@ -45,8 +49,9 @@ def attention_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     """The mask as Attention takes it: boolean (True = attend) or additive in Q's type, 4-D,
     with dims -2 and -1 equal to the query and key lengths."""
     mask: MaskSpec = spec.mask
-    shape = tuple(mask.tensor.shape or ())
-    tensor = rw.shared(("attention_mask", mask.kind, id(mask.tensor), mask.fill),
+    shapes = [t.shape for t in (mask.tensor, mask.bias) if t is not None]
+    shape = () if any(s is None for s in shapes) else _broadcast([tuple(s) for s in shapes])
+    tensor = rw.shared(("attention_mask", mask.kind, id(mask.tensor), mask.fill, id(mask.bias)),
                        lambda: _mask_4d(spec, rw))
     shape = (1,) * (4 - len(shape)) + shape
     q_len, k_len = spec.query.shape[2], spec.value.shape[2]
@@ -61,22 +66,29 @@ def attention_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
 
 def _mask_4d(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     mask: MaskSpec = spec.mask
-    tensor = mask.tensor
-    if mask.kind == "drop":
-        tensor = rw.op("Not", [tensor], dtype=np.bool_)
-    if mask.kind == "additive" or mask.fill != -np.inf:
-        # onnxruntime's Attention treats the lowest float like -inf: a row whose keys are all
-        # masked gives 0, where the original softmax over equal huge negatives is uniform.
-        # Raising finite values to half the lowest float keeps both the masking and the uniform
-        # rows; -inf stays -inf (such rows are 0 in torch's SDPA export too).
-        np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
-        floor = rw.const("mask_floor", np.array(ml_dtypes.finfo(np_type).min / 2, np_type))
-        if mask.kind == "additive":
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
+    # onnxruntime's Attention treats the lowest float like -inf: a row whose keys are all masked
+    # gives 0, where the original softmax over equal huge negatives is uniform. Where such rows
+    # may occur, finite hidden values are raised to half the lowest float, which keeps both the
+    # masking and the uniform rows; -inf stays -inf (torch's SDPA export zeroes those rows too).
+    floor = rw.const("mask_floor", np.array(ml_dtypes.finfo(np_type).min / 2, np_type))
+    if mask.kind in ("keep", "drop"):
+        visible = mask.tensor if mask.kind == "keep" else rw.op("Not", [mask.tensor], dtype=np.bool_)
+        if mask.fill == -np.inf or mask.boolean_exact:
+            tensor = visible
+        else:
+            tensor = rw.op("Where", [visible, rw.const("mask_zero", np.zeros((), np_type)), floor])
+    else:
+        tensor = mask.tensor if mask.bias is None else rw.op("Add", [mask.bias, mask.tensor])
+        if mask.boolean_exact:
+            # Proven to hold only 0 (visible) and huge negatives (hidden), with no query row
+            # all hidden: a boolean mask is exact, and what TensorRT's kernels prefer.
+            threshold = rw.const("mask_threshold", np.array(-1e4, np_type))
+            tensor = rw.op("Greater", [tensor, threshold], dtype=np.bool_)
+        else:
             is_minus_inf = rw.op("IsInf", [tensor], {"detect_positive": 0})
             tensor = rw.op("Where", [is_minus_inf, tensor, rw.op("Max", [tensor, floor])])
-        else:
-            tensor = rw.op("Where", [tensor, rw.const("mask_zero", np.zeros((), np_type)), floor])
-    rank = len(mask.tensor.shape or ())
+    rank = max(len(t.shape or ()) for t in (mask.tensor, mask.bias) if t is not None)
     if rank < 4:
         axes = rw.const("mask_axes", np.arange(4 - rank, dtype=np.int64))
         tensor = rw.op("Unsqueeze", [tensor, axes])
@@ -85,3 +97,42 @@ def _mask_4d(spec: AttentionSpec, rw: Rewrite) -> Tensor:
 
 def _same_dim(a, b) -> bool:
     return a is not None and a == b
+
+
+def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
+    """RotaryEmbedding on 4-D [batch, heads, seq, head] input, the form TensorRT's parser takes:
+    x before the head transpose is transposed there and back, a 3-D single head gets a heads axis.
+    The caches and the [batch, seq] position ids are built once and shared by every layer."""
+    cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
+    sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
+    # A 3-D x folds the heads into its batch, so q and k need position ids of their own.
+    batch_of = id(spec.input) if spec.layout == "bsh" else None
+    positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: _position_ids(spec, rw))
+    attrs = {"interleaved": int(spec.interleaved),
+             "rotary_embedding_dim": 0 if spec.rotary_dim == spec.head_size else spec.rotary_dim}
+    if spec.layout == "bnsh":
+        rw.op("RotaryEmbedding", [spec.input, cos, sin, positions], attrs, outputs=[spec.output])
+        return
+    if spec.layout == "bsnh":
+        x = rw.op("Transpose", [spec.input], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype)
+        y = rw.op("RotaryEmbedding", [x, cos, sin, positions], attrs, dtype=spec.input.dtype)
+        rw.op("Transpose", [y], {"perm": [0, 2, 1, 3]}, outputs=[spec.output])
+        return
+    heads_axis = rw.const("rope_heads_axis", np.array([1], dtype=np.int64))
+    x = rw.op("Unsqueeze", [spec.input, heads_axis], dtype=spec.input.dtype)
+    y = rw.op("RotaryEmbedding", [x, cos, sin, positions], attrs, dtype=spec.input.dtype)
+    rw.op("Squeeze", [y, heads_axis], outputs=[spec.output])
+
+
+def _position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
+    """The graph's positions as RotaryEmbedding wants them: INT64 [batch, seq]."""
+    positions = spec.positions
+    if onnx_dtype(positions) != onnx.TensorProto.INT64:
+        positions = rw.op("Cast", [positions], {"to": onnx.TensorProto.INT64}, dtype=np.int64)
+    if len(spec.positions.shape) == 1:
+        positions = rw.op("Unsqueeze", [positions, rw.const("rope_batch_axis", np.array([0], dtype=np.int64))],
+                          dtype=np.int64)
+    batch = rw.op("Shape", [spec.input], {"start": 0, "end": 1}, dtype=np.int64)
+    seq = rw.op("Shape", [positions], {"start": -1}, dtype=np.int64)
+    shape = rw.op("Concat", [batch, seq], {"axis": 0}, dtype=np.int64)
+    return rw.op("Expand", [positions, shape], dtype=np.int64)

@@ -1,0 +1,1162 @@
+"""What an attention mask computes, found by evaluating it: mask classification by proof.
+
+A mask is whatever the attention scores are masked with: an additive float tensor (0 where a key
+is visible, a large negative number or -inf where it is hidden) or a boolean tensor (True =
+visible, or True = hidden for `drop` masks), broadcastable to [batch, heads, query, key].
+`classify_mask` says which of a few exact families it belongs to, so that a target may emit
+`is_causal`, a key padding mask, or keep the mask tensor as it is.
+
+Names and op patterns decide nothing. The subgraph that computes the mask is cut out of the model
+(its ancestors only) and run in onnxruntime at several sizes. Shape(x) needs only x's shape:
+when x is a graph input, or its dims are symbols (or expressions) of graph input dims, the shape
+is fed as an input of the program; otherwise x is computed from its own ancestors, with heavy
+embedding tables replaced by zero stand-ins (a Gather's shape does not depend on the table's
+values), or, behind other heavy weights, found by ONNX shape inference at each size. The whole
+model never runs and heavy weights are never loaded (see BASE_SIZES for the sizes: query length 1
+and more, an empty and a non-empty KV cache when the model has one, batch 1 and more, and a 0/1
+padding mask whose rows are padded differently). A class is reported only if its template
+reproduces the evaluated mask exactly, every element, at every size.
+
+Classes (``MaskClass.kind``), with i the query row, j the key column, Sq/Skv their lengths and
+c = i + offset the query's aligned position (offset Skv - Sq for "lower_right", 0 for
+"upper_left"):
+
+- ``none``: every key visible.
+- ``padding``: key j visible from every query of batch row b iff attention_mask[b, j] == 1.
+- ``causal_upper_left`` / ``causal_lower_right``: j <= c.
+- ``causal_padding``: j <= c and attention_mask[b, j] == 1 (``alignment`` says which c).
+- ``sliding_window``: c - window < j <= c (and the padding condition if ``padding``).
+- ``arbitrary``: none of these; ``reason`` says why.
+
+Upper-left and lower-right alignment coincide when the key length always equals the query length
+(a model without a KV cache input): the class is then reported as upper-left, and is exact for
+every size such a model runs at. (ONNX Attention's ``is_causal`` aligns to the cache it is given:
+j <= i + past_sequence_length of its past_key input, so upper-left when K/V are passed whole
+without past_key, lower-right relative to the total length when the cache is passed as past_key.)
+
+Rows that hide every key (a left-padded query under causal + padding) are compared like any
+other row: the template must hide them too; ``empty_rows`` says that such rows occur, because what
+attention computes for them depends on the fill value (-inf gives NaN, a finite minimum a uniform
+average), which the class does not describe.
+
+Soundness limits, by construction: a property is checked at the sizes evaluated, not for all
+sizes. A sliding window wider than every evaluated key length would look like plain causal, so the
+driver adds a probe size longer than every integer constant of the mask subgraph (a window width
+is such a constant) when that size is affordable. A mask computed from a constant of a fixed size
+(a baked triangle [S, S]) is classified on its value: its shape pins the sizes the model can run
+at, so the class holds at all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper, numpy_helper
+
+from .check import _eval_dim, _symbols  # dim expressions as exporters write them ("s0 + s1")
+from .graph import Graph, Tensor, onnx_dtype
+
+# Initializer elements a mask program may carry to compute the shape of an intermediate whose
+# shape shape inference left symbolic (e.g. embeddings behind a Reshape). Heavier tables that are
+# only gathered from are replaced by zero stand-ins (the values do not matter for a shape); any
+# other heavy weight makes the program find the shape by ONNX shape inference at each size.
+WEIGHT_BUDGET = 1 << 22
+# Rows of the zero stand-in for a heavy table that is only gathered from to compute a shape.
+STAND_IN_ROWS = 2048
+# Largest mask (elements) the long probe may materialize.
+PROBE_LIMIT = 1 << 25
+# Additive values at or below this hide a key (exp underflows to 0 in every float type).
+HIDDEN_AT_OR_BELOW = -1e4
+# The image side given to symbolic image dims (as onnx_fuse.check does).
+_IMAGE_SIDE = 224
+
+# (batch, query length, past length) of the sizes every mask is evaluated at. Past lengths fall to
+# 0 for models without a KV cache; fixed dims keep their value; duplicates are dropped. The key
+# length is past + query. A 2-D padding input gets, per row: none, left padding of 1, left padding
+# of about half, holes (every other key) (batch 1: left padding of 2).
+BASE_SIZES = ((3, 5, 0), (3, 1, 6), (4, 4, 3), (2, 1, 0), (1, 6, 2))
+
+_CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+           "Bernoulli"}
+
+
+@dataclass(frozen=True)
+class MaskClass:
+    """What a mask computes, proven by evaluation (see the module docstring for the templates).
+
+    kind:       "none", "padding", "causal_upper_left", "causal_lower_right", "causal_padding",
+                "sliding_window" or "arbitrary".
+    alignment:  "upper_left" | "lower_right" for the causal kinds and "sliding_window"; None
+                otherwise. Query i of Sq sits at key position c = i + (Skv - Sq) when lower-right
+                aligned (the query is the last Sq positions, as with a KV cache), c = i when
+                upper-left aligned.
+    window:     for "sliding_window": key j is visible from query i iff c - window < j <= c. A
+                query sees the `window` most recent keys including itself; this is Hugging Face's
+                convention (masking_utils.sliding_window_overlay: kv_idx > q_idx - sliding_window,
+                on top of kv_idx <= q_idx), so config.sliding_window = W gives window = W, and
+                ONNX Attention (opset 25, p - left_window_size <= j <= p) needs
+                left_window_size = window - 1.
+    padding:    visibility also requires attention_mask[b, j] == 1 for the 0/1 graph input named
+                by `padding_input` (the mask reads that input's values). Proven for 0/1 values,
+                which is what such an input holds; token ids never qualify.
+    reason:     for "arbitrary", why nothing fit; otherwise how it was proven (the sizes).
+    empty_rows: some query row hides every key at some evaluated size.
+    padding_input: name of the graph input the padding condition reads (None if not padding).
+    sizes:      the (batch, query, key) sizes it was proven at.
+    """
+
+    kind: str
+    alignment: str | None = None
+    window: int | None = None
+    padding: bool = False
+    reason: str = ""
+    empty_rows: bool = False
+    padding_input: str | None = None
+    sizes: tuple = ()
+
+    @property
+    def causal(self) -> bool:
+        return self.kind in ("causal_upper_left", "causal_lower_right", "causal_padding",
+                             "sliding_window")
+
+
+def _arbitrary(reason: str) -> MaskClass:
+    return MaskClass("arbitrary", reason=reason)
+
+
+# --------------------------------------------------------------------------- public API
+
+_CLASS_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+_PROGRAM_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def classify_mask(graph: Graph, mask: Tensor, *, query_len=None, key_len=None, model=None,
+                  drop: bool = False) -> MaskClass:
+    """Classify `mask` (see MaskClass) by evaluating its subgraph at several sizes.
+
+    query_len / key_len: optional, each a tensor laid out [..., length, head] (the attention's Q,
+    and K or V) whose dim -2 is that length, or the dim itself (int or symbol). When given, the
+    mask's query/key dims must equal them at every size where both are known.
+    model: the ModelProto the graph was imported from, if at hand (its IR version is reused).
+    drop: the boolean mask is True where a key is hidden (Where(mask, fill, scores)).
+
+    Cached per mask tensor, and across mask tensors whose subgraphs are identical (a mask each
+    layer recomputes from the same inputs costs one evaluation).
+    """
+    caches = _CLASS_CACHE.setdefault(graph, ({}, {}))
+    by_tensor, by_program = caches
+    key = (id(mask), _dim_key(graph, query_len), _dim_key(graph, key_len), drop)
+    hit = by_tensor.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    program = _program(graph, mask, model)
+    if program.problem is not None:
+        result = _arbitrary(program.problem)
+    else:
+        fingerprint = (program.fingerprint, *key[1:])
+        result = by_program.get(fingerprint)
+        if result is None:
+            result = _classify(graph, program, query_len, key_len, drop)
+            program.session = None  # the session is not needed again: free it
+            by_program[fingerprint] = result
+    by_tensor[key] = (mask, result)
+    return result
+
+
+def classify_mask_spec(graph: Graph, spec, *, query_len=None, key_len=None, model=None) -> MaskClass:
+    """classify_mask for a specs.MaskSpec ("additive", "keep" or "drop")."""
+    return classify_mask(graph, spec.tensor, query_len=query_len, key_len=key_len, model=model,
+                         drop=spec.kind == "drop")
+
+
+def mask_dependencies(graph: Graph, mask: Tensor) -> list[Tensor]:
+    """The graph inputs the mask depends on, by value or by shape (directly, through Shape of an
+    intermediate, or through the symbolic dims of one), in graph input order."""
+    program = _program(graph, mask, None)
+    names = set(program.value_inputs) | set(program.shape_inputs)
+    return [t for t in graph.gs.inputs if t.name in names]
+
+
+def mask_value_inputs(graph: Graph, mask: Tensor) -> list[Tensor]:
+    """The graph inputs whose values (not only shapes) flow into the mask."""
+    names = set(_program(graph, mask, None).value_inputs)
+    return [t for t in graph.gs.inputs if t.name in names]
+
+
+def evaluate_mask(graph: Graph, mask: Tensor, batch: int, query: int, past: int = 0):
+    """The mask's values at one size, as classify_mask evaluates them: (feeds, values), where
+    feeds are the graph inputs the mask program was given (padding rows as documented, zeros
+    elsewhere) and values the raw mask. Raises ValueError when the mask cannot be evaluated."""
+    program = _program(graph, mask, None)
+    if program.problem is not None:
+        raise ValueError(program.problem)
+    roles = _roles(graph, program)
+    errors = []
+    for values in _assignments(roles, (batch, query, past)):
+        try:
+            feeds, _ = _feeds(graph, program, roles, values)
+            (out,) = _session(program).run(None, feeds)
+        except Exception as e:  # onnxruntime raises many types
+            errors.append(e)
+            continue
+        names = {t.name for t in program.inputs}
+        return {k: v for k, v in feeds.items() if k in names}, np.asarray(out)
+    raise ValueError(f"the mask does not evaluate at batch {batch}, query {query}, past {past}: "
+                     f"{_one_line(errors[0]) if errors else 'no size assignment'}")
+
+
+def padding_input(graph: Graph, mask: Tensor) -> Tensor | None:
+    """The 2-D [batch, keys] graph input whose values the mask reads (the padding mask), if the
+    mask reads the values of exactly one input and it is such a 2-D input, not token ids (the
+    indices of a Gather from a constant table); else None. Whether
+    the mask uses it as a 0/1 padding mask is what classify_mask proves (MaskClass.padding)."""
+    program = _program(graph, mask, None)
+    return None if program.problem is not None else _roles(graph, program).padding
+
+
+def depends_on_padding(graph: Graph, mask: Tensor) -> bool:
+    """True if the mask subgraph reads the values of a 2-D padding-mask input."""
+    return padding_input(graph, mask) is not None
+
+
+def visibility(values: np.ndarray, drop: bool = False) -> np.ndarray:
+    """A mask's values as "key visible" booleans (additive: 0 visible, <= HIDDEN_AT_OR_BELOW
+    hidden; boolean: True visible, or hidden for `drop`). Raises ValueError for values that are
+    not a mask (a bias, NaN, integers)."""
+    visible = _visible(np.asarray(values), drop)
+    if isinstance(visible, str):
+        raise ValueError(visible)
+    return visible
+
+
+def template(cls: MaskClass, query: int, key: int, padding: np.ndarray | None = None) -> np.ndarray:
+    """The visibility a class promises: a boolean [B|1, 1, query, key] array (B from the 0/1
+    `padding` rows [B, key], required when cls.padding)."""
+    if cls.kind == "arbitrary":
+        raise ValueError("an arbitrary mask promises nothing")
+    i, j = np.arange(query)[:, None], np.arange(key)[None, :]
+    keep = np.ones((query, key), dtype=bool)
+    if cls.alignment is not None:
+        c = i + (key - query if cls.alignment == "lower_right" else 0)
+        keep = j <= c
+        if cls.window is not None:
+            keep &= j > c - cls.window
+    keep = keep[None, None]
+    if cls.padding:
+        if padding is None:
+            raise ValueError("the class depends on the padding mask: pass its rows")
+        keep = keep & (np.asarray(padding) == 1)[:, None, None, :]
+    return keep
+
+
+# --------------------------------------------------------------------------- the mask program
+
+
+@dataclass
+class _ShapeFeed:
+    """An input of the program standing for Shape(x)[start:end] (or Size(x)) of a graph tensor."""
+
+    name: str  # input name in the program
+    dims: list  # x's dims (ints, symbols, expressions) when known symbolically
+    start: int | None
+    end: int | None
+    size: bool  # Size(x): the product
+    infer: "_ShapeInference | None" = None  # dims found by shape inference at each size
+
+
+@dataclass
+class _ShapeInference:
+    """x's ancestors without their weights, shape-inferred at concrete input sizes."""
+
+    model: onnx.ModelProto
+    target: str
+    inputs: list[tuple[str, list]]  # graph inputs: name, dims
+
+
+@dataclass
+class _Program:
+    problem: str | None = None
+    model_bytes: bytes = b""
+    fingerprint: str = ""
+    inputs: list = field(default_factory=list)  # graph inputs fed to the program (gs tensors)
+    shape_feeds: list[_ShapeFeed] = field(default_factory=list)
+    value_inputs: list[str] = field(default_factory=list)
+    shape_inputs: list[str] = field(default_factory=list)
+    int_constants: list[int] = field(default_factory=list)
+    dtype: int | None = None
+    session: object = None
+
+
+def _program(graph: Graph, mask: Tensor, model) -> _Program:
+    cache = _PROGRAM_CACHE.setdefault(graph, {})
+    hit = cache.get(id(mask))
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    program = _build(graph, mask, model)
+    cache[id(mask)] = (mask, program)
+    return program
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _input_dims(t: Tensor) -> list:
+    """A graph input's dims; an unknown dim becomes a symbol of its own (as in onnx_fuse.check)."""
+    return [f"?{t.name}:{axis}" if d is None else d for axis, d in enumerate(t.shape or ())]
+
+
+def _input_symbols(graph: Graph) -> dict[str, list[str]]:
+    """symbol -> names of the graph inputs whose dims name it."""
+    found: dict[str, list[str]] = {}
+    for t in graph.gs.inputs:
+        for d in _input_dims(t):
+            if isinstance(d, str):
+                for s in _symbols(d):
+                    found.setdefault(s, []).append(t.name)
+    return found
+
+
+def _resolvable(dims, symbols: dict) -> bool:
+    if dims is None:
+        return False
+    for d in dims:
+        if d is None:
+            return False
+        if isinstance(d, str) and not all(s in symbols for s in _symbols(d)):
+            return False
+    return True
+
+
+def _constant_size(t: gs.Constant) -> int:
+    return int(np.prod(t.shape, dtype=np.int64)) if t.shape is not None else 0
+
+
+def _is_heavy(t: gs.Constant) -> bool:
+    values = t._values
+    external = isinstance(values, gs.ir.tensor.LazyValues) and \
+        values.tensor.data_location == TensorProto.EXTERNAL
+    return external or _constant_size(t) > WEIGHT_BUDGET
+
+
+class _Walk:
+    """Ancestors of the mask, stopping at Shape/Size nodes (see _build)."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.nodes: dict[int, gs.Node] = {}
+        self.value_seen: dict[int, gs.Node] = {}  # nodes walked in value context
+        self.order: list[gs.Node] = []  # post-order: producers before consumers
+        self.value_inputs: dict[str, Tensor] = {}
+        self.shape_inputs: dict[str, Tensor] = {}
+        self.constants: dict[int, gs.Constant] = {}
+        self.shape_feeds: dict[int, gs.Node] = {}  # Shape/Size nodes whose output is fed
+        self.inferred: set[int] = set()  # those of them whose shape needs shape inference
+        self.symbols = _input_symbols(graph)
+        self.budget = 0  # elements of the light constants walked
+        self.value_constants: set[int] = set()  # constants whose values the mask needs
+        self.shrink: set[int] = set()  # heavy tables computed only for a shape: stand-ins
+
+    def visit(self, root: Tensor, shape_only: bool) -> None:
+        """Post-order DFS from `root`. shape_only: the values found are only needed for a shape.
+        A node first met in a shape-only walk is walked again when its value turns out to be
+        needed, so that the graph inputs under it count as read by value."""
+        seen = self.nodes if shape_only else self.value_seen
+        stack = [(root, False)]
+        while stack:
+            tensor, expanded = stack.pop()
+            if isinstance(tensor, gs.Constant):
+                if id(tensor) not in self.constants:
+                    self.constants[id(tensor)] = tensor
+                    if not _is_heavy(tensor):
+                        self.budget += _constant_size(tensor)
+                if not shape_only:
+                    self.value_constants.add(id(tensor))
+                continue
+            node = tensor.inputs[0] if tensor.inputs else None
+            if node is None:
+                if not any(tensor is t for t in self.graph.gs.inputs):
+                    raise _Unsupported(f"the mask depends on '{tensor.name}', which nothing computes")
+                (self.shape_inputs if shape_only else self.value_inputs)[tensor.name] = tensor
+                continue
+            if id(node) in seen:
+                continue
+            if expanded:
+                if id(node) not in self.nodes:
+                    self.nodes[id(node)] = node
+                    self.order.append(node)
+                seen[id(node)] = node
+                continue
+            if node.op in _CONTROL_FLOW or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+                raise _Unsupported(f"the mask subgraph contains control flow ({node.op} '{node.name}')")
+            if node.op in _RANDOM:
+                raise _Unsupported(f"the mask subgraph is random ({node.op} '{node.name}')")
+            if node.op in ("Shape", "Size") and not (node.domain or ""):
+                if id(node) not in self.nodes and id(node) not in self.shape_feeds:
+                    self._shape_of(node)
+                continue
+            stack.append((tensor, True))
+            for t in node.inputs:
+                if t.name:
+                    stack.append((t, False))
+
+    def _shape_of(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        if isinstance(x, gs.Constant):
+            self.nodes[id(node)] = node  # Shape of a constant: keep the node and the constant
+            self.order.append(node)
+            self.constants[id(x)] = x
+            return
+        if not x.inputs:  # a graph input: its declared dims at the size driven
+            self.shape_feeds[id(node)] = node
+            self.shape_inputs.setdefault(x.name, x)
+            return
+        dims = self.graph.shape(x)
+        if _resolvable(dims, self.symbols):
+            self.shape_feeds[id(node)] = node
+            for d in dims:
+                if isinstance(d, str):
+                    for s in _symbols(d):
+                        for name in self.symbols[s]:
+                            self.shape_inputs.setdefault(name, _input_named(self.graph, name))
+            return
+        # Compute x itself when that is cheap; otherwise infer its shape without the weights.
+        trial = _Walk(self.graph)
+        try:
+            trial.visit(x, shape_only=True)
+            heavy = [c for c in trial.constants.values() if _is_heavy(c)]
+            cheap = trial.budget <= WEIGHT_BUDGET and \
+                all(_only_gathered(c, trial.nodes) for c in heavy)
+        except _Unsupported:
+            cheap = False
+        if cheap:
+            # x's values do not matter, only its shape: a heavy table that is only gathered from
+            # becomes a zero stand-in with fewer rows (a Gather's shape does not depend on them).
+            self.shrink.update(id(c) for c in heavy)
+            self.visit(x, shape_only=True)
+            self.nodes[id(node)] = node
+            self.order.append(node)
+            return
+        self.inferred.add(id(node))
+        self.shape_feeds[id(node)] = node
+        for name, t in {**trial.value_inputs, **trial.shape_inputs}.items():
+            self.shape_inputs.setdefault(name, t)
+
+
+def _only_gathered(c: gs.Constant, nodes: dict) -> bool:
+    """Every use of `c` among `nodes` is as the table of a Gather along axis 0."""
+    users = [n for n in c.outputs if id(n) in nodes]
+    return all(n.op == "Gather" and n.inputs[0] is c and n.attrs.get("axis", 0) == 0
+               and (c.shape or [0])[0] > 0 for n in users)
+
+
+def _stand_in(c: gs.Constant) -> onnx.TensorProto:
+    """Zeros shaped like `c` with at most STAND_IN_ROWS rows, of c's element type."""
+    values = c._values
+    elem = values.tensor.data_type if isinstance(values, gs.ir.tensor.LazyValues) else onnx_dtype(c)
+    dims = [min(int(c.shape[0]), STAND_IN_ROWS), *[int(d) for d in c.shape[1:]]]
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
+    proto = onnx.TensorProto()
+    proto.dims.extend(dims)
+    proto.data_type = elem
+    proto.raw_data = bytes(int(np.prod(dims, dtype=np.int64)) * itemsize)
+    return proto
+
+
+def _input_named(graph: Graph, name: str) -> Tensor:
+    return next(t for t in graph.gs.inputs if t.name == name)
+
+
+def _build(graph: Graph, mask: Tensor, model) -> _Program:
+    """The mask program; a program whose `problem` says why it cannot be evaluated keeps the
+    dependencies found up to there."""
+    walk, program = _Walk(graph), _Program()
+    try:
+        if isinstance(mask, gs.Constant):
+            walk.constants[id(mask)] = mask
+        else:
+            walk.visit(mask, shape_only=False)
+        program.dtype = onnx_dtype(mask)
+        if program.dtype is None:
+            raise _Unsupported(f"the mask '{mask.name}' has no known element type")
+        if not mask.inputs and not isinstance(mask, gs.Constant):
+            raise _Unsupported(f"the mask is the graph input '{mask.name}': its values are the caller's")
+        _emit(graph, mask, model, walk, program)
+    except _Unsupported as e:
+        program.problem = str(e)
+    program.value_inputs = list(walk.value_inputs)
+    program.shape_inputs = [n for n in walk.shape_inputs if n not in walk.value_inputs]
+    return program
+
+
+def _emit(graph: Graph, mask: Tensor, model, walk: _Walk, program: _Program) -> None:
+    """Write the walked subgraph as a model (program.model_bytes and its feeds)."""
+
+    # Canonical names, so that identical subgraphs (a mask each layer recomputes) serialize
+    # identically and share one evaluation.
+    names: dict[int, str] = {}
+    inputs = {**walk.value_inputs, **{n: t for n, t in walk.shape_inputs.items() if n not in walk.value_inputs}}
+    ordered_inputs = [t for t in graph.gs.inputs if t.name in inputs]
+    for t in ordered_inputs:
+        names[id(t)] = t.name
+
+    def name_of(t: Tensor, prefix: str) -> str:
+        if id(t) not in names:
+            names[id(t)] = f"{prefix}{len(names)}"
+        return names[id(t)]
+
+    initializers, nodes, feeds = [], [], []
+    constants_seen: set[int] = set()
+    int_constants: set[int] = set()
+
+    def add_constant(c: gs.Constant) -> None:
+        if id(c) in constants_seen:
+            return
+        constants_seen.add(id(c))
+        shrink = id(c) in walk.shrink and id(c) not in walk.value_constants
+        proto = _stand_in(c) if shrink else _constant_proto(c)
+        proto.name = name_of(c, "c")
+        initializers.append(proto)
+        _collect_ints(c, int_constants)
+
+    for c in walk.constants.values():
+        add_constant(c)
+    for node in walk.order:
+        if id(node) in walk.shape_feeds:
+            continue
+        proto = onnx.NodeProto()
+        proto.CopyFrom(_export_node(node))
+        proto.name = ""
+        del proto.input[:]
+        del proto.output[:]
+        for t in node.inputs:
+            if not t.name:
+                proto.input.append("")
+                continue
+            if isinstance(t, gs.Constant):
+                add_constant(t)
+            proto.input.append(name_of(t, "t"))
+        proto.output.extend(name_of(t, "t") for t in node.outputs)
+        if node.op == "Constant":
+            _collect_node_ints(node, int_constants)
+        nodes.append(proto)
+    for node in walk.shape_feeds.values():
+        feed = _shape_feed(graph, node, name_of(node.outputs[0], "shape"), id(node) in walk.inferred)
+        feeds.append(feed)
+    if isinstance(mask, gs.Constant):
+        out_name = names[id(mask)]
+    else:
+        out_name = names.get(id(mask)) or name_of(mask, "t")
+        if out_name not in [o for n in nodes for o in n.output] and \
+                out_name not in [f.name for f in feeds]:
+            raise _Unsupported("internal: the mask tensor was not reached")
+
+    graph_inputs = []
+    for t in ordered_inputs:
+        elem = onnx_dtype(t)
+        shape = [d if isinstance(d, int) else None for d in (t.shape or [])]
+        graph_inputs.append(helper.make_tensor_value_info(t.name, elem, shape))
+    for f in feeds:
+        graph_inputs.append(helper.make_tensor_value_info(f.name, TensorProto.INT64, None if f.size else [None]))
+    outputs = [helper.make_tensor_value_info(out_name, program.dtype, None)]
+    if out_name in [f.name for f in feeds] or isinstance(mask, gs.Constant) and not nodes:
+        # A graph output may not be an input or an initializer: pass it through an Identity.
+        nodes.append(helper.make_node("Identity", [out_name], ["mask_out"]))
+        outputs = [helper.make_tensor_value_info("mask_out", program.dtype, None)]
+    g = helper.make_graph(nodes, "mask", graph_inputs, outputs, initializers)
+    opsets = [helper.make_opsetid(domain, version) for domain, version in graph.opsets.items()]
+    sub = helper.make_model(g, opset_imports=opsets)
+    sub.ir_version = max(helper.find_min_ir_version_for(opsets, True), 8,
+                         model.ir_version if model is not None else 0)
+    if model is not None:
+        sub.functions.extend(model.functions)  # local functions the mask nodes may call
+    program.model_bytes = sub.SerializeToString()
+    program.inputs = ordered_inputs
+    program.shape_feeds = feeds
+    program.int_constants = sorted(int_constants)
+    digest = hashlib.sha1(program.model_bytes)
+    for f in feeds:
+        digest.update(repr((f.name, f.dims, f.start, f.end, f.size)).encode())
+        if f.infer is not None:
+            digest.update(f.infer.target.encode() + f.infer.model.SerializeToString())
+    program.fingerprint = digest.hexdigest()
+
+
+def _export_node(node: gs.Node) -> onnx.NodeProto:
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    return OnnxExporter.export_node(node)
+
+
+def _constant_proto(c: gs.Constant) -> onnx.TensorProto:
+    values = c._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        if values.tensor.data_location == TensorProto.EXTERNAL:
+            raise _Unsupported(f"the mask subgraph needs '{c.name}', stored outside the model")
+        proto = onnx.TensorProto()
+        proto.CopyFrom(values.tensor)
+        return proto
+    return numpy_helper.from_array(np.asarray(c.values), c.name)
+
+
+def _small_ints(values, found: set[int]) -> None:
+    array = np.asarray(values)
+    if array.size > 64 or array.dtype.kind not in "iu":
+        return
+    for v in array.reshape(-1).tolist():
+        if 2 < abs(v) < (1 << 20):
+            found.add(abs(int(v)))
+
+
+def _collect_ints(c: gs.Constant, found: set[int]) -> None:
+    if _constant_size(c) <= 64:
+        try:
+            _small_ints(c.values, found)
+        except Exception:  # values of an exotic type: no hint from it
+            pass
+
+
+def _collect_node_ints(node: gs.Node, found: set[int]) -> None:
+    for key, value in node.attrs.items():
+        if isinstance(value, gs.Constant):
+            _collect_ints(value, found)
+        elif key in ("value_int", "value_ints"):
+            _small_ints(np.array(value, dtype=np.int64), found)
+
+
+def _shape_feed(graph: Graph, node: gs.Node, name: str, infer: bool) -> _ShapeFeed:
+    x = node.inputs[0]
+    size = node.op == "Size"
+    start, end = (None, None) if size else (node.attrs.get("start"), node.attrs.get("end"))
+    if not infer:
+        dims = _input_dims(x) if not x.inputs else list(graph.shape(x))
+        return _ShapeFeed(name, dims, start, end, size)
+    return _ShapeFeed(name, [], start, end, size, infer=_shape_inference(graph, x))
+
+
+def _shape_inference(graph: Graph, x: Tensor) -> _ShapeInference:
+    """x's ancestors as a model whose weights are typed inputs without data (small constants
+    stay, since shape inference propagates their values)."""
+    seen, stack = set(), [x]
+    initializers, extra_inputs = {}, {}
+    graph_inputs = {}
+    while stack:
+        t = stack.pop()
+        if isinstance(t, gs.Constant):
+            if _is_heavy(t):
+                extra_inputs[t.name] = helper.make_tensor_value_info(t.name, onnx_dtype(t), list(t.shape))
+            else:
+                initializers[t.name] = _constant_proto(t)
+                initializers[t.name].name = t.name
+            continue
+        node = t.inputs[0] if t.inputs else None
+        if node is None:
+            graph_inputs[t.name] = t
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op in _CONTROL_FLOW:
+            raise _Unsupported(f"the shape of '{x.name}' passes through control flow")
+        stack.extend(i for i in node.inputs if i.name)
+    order = [n for n in graph.gs.nodes if id(n) in seen]  # graph order is topological
+    protos = [_export_node(n) for n in order]
+    inputs = [(t.name, _input_dims(t)) for t in graph.gs.inputs if t.name in graph_inputs]
+    value_infos = [helper.make_tensor_value_info(n, onnx_dtype(graph_inputs[n]), None) for n, _ in inputs]
+    g = helper.make_graph(protos, "shape", value_infos + list(extra_inputs.values()),
+                          [helper.make_tensor_value_info(x.name, onnx_dtype(x) or TensorProto.FLOAT, None)],
+                          list(initializers.values()))
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in graph.opsets.items()])
+    return _ShapeInference(model, x.name, inputs)
+
+
+def _inferred_dims(inference: _ShapeInference, values: dict[str, int]) -> list[int]:
+    model = onnx.ModelProto()
+    model.CopyFrom(inference.model)
+    for vi in model.graph.input:
+        dims = dict(inference.inputs).get(vi.name)
+        if dims is None:
+            continue
+        concrete = [d if isinstance(d, int) else _eval_dim(d, values) for d in dims]
+        vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, concrete))
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.name == inference.target:
+            dims = vi.type.tensor_type.shape.dim
+            if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+                return [d.dim_value for d in dims]
+    raise _Unsupported(f"shape inference does not find the shape of '{inference.target}'")
+
+
+# --------------------------------------------------------------------------- driving sizes
+
+
+@dataclass
+class _Roles:
+    batch: str | int | None = None
+    seq: str | int | None = None
+    past: str | None = None
+    fixed: dict = field(default_factory=dict)  # symbol -> size (images)
+    padding: Tensor | None = None
+    total: list = field(default_factory=list)  # symbols meaning past + seq
+    free: list = field(default_factory=list)  # other symbols: (symbol, prefers total)
+
+
+def _simple(d) -> bool:
+    return isinstance(d, str) and _symbols(d) == [d]
+
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+_INDEX_PASSTHROUGH = {"Cast", "Unsqueeze", "Reshape", "Flatten", "Squeeze", "Identity"}
+_TABLE_PASSTHROUGH = {"Cast", "Identity", "DequantizeLinear"}
+
+
+def _indexes_a_table(tensor: Tensor) -> bool:
+    """The input is (through shape-only ops) the indices of a Gather from a constant table:
+    token ids, whose values are not 0/1 flags (as onnx_fuse.check tells ids from masks)."""
+    pending, seen = [tensor], set()
+    while pending:
+        t = pending.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for user in t.outputs:
+            if user.op in _INDEX_PASSTHROUGH and user.inputs and user.inputs[0] is t:
+                pending.extend(user.outputs[:1])
+            elif user.op == "Gather" and len(user.inputs) > 1 and user.inputs[1] is t:
+                table = user.inputs[0]
+                while not isinstance(table, gs.Constant) and table.inputs and \
+                        table.inputs[0].op in _TABLE_PASSTHROUGH:
+                    table = table.inputs[0].inputs[0]
+                if isinstance(table, gs.Constant):
+                    return True
+    return False
+
+
+def _roles(graph: Graph, program: _Program) -> _Roles:
+    roles = _Roles()
+    inputs = list(graph.gs.inputs)
+    padding = None
+    if len(program.value_inputs) == 1:
+        t = _input_named(graph, program.value_inputs[0])
+        if len(_input_dims(t)) == 2 and not _indexes_a_table(t):
+            padding = t
+    roles.padding = padding
+    for t in inputs:
+        dims = _input_dims(t)
+        if len(dims) >= 2 and roles.batch is None and (_simple(dims[0]) or isinstance(dims[0], int)):
+            roles.batch = dims[0]
+        is_float = onnx_dtype(t) in _FLOAT_TYPES
+        if len(dims) == 4 and is_float:
+            if isinstance(dims[1], int) and isinstance(dims[3], int) and _simple(dims[2]):
+                roles.past = roles.past or dims[2]
+            elif isinstance(dims[1], int) and _simple(dims[2]) and _simple(dims[3]):
+                roles.fixed[dims[2]] = roles.fixed[dims[3]] = _IMAGE_SIDE
+    # The query length: dim 1 of a 2-D or 3-D input that is not the padding mask.
+    for t in inputs:
+        dims = _input_dims(t)
+        if t is padding or len(dims) not in (2, 3):
+            continue
+        if (_simple(dims[1]) or isinstance(dims[1], int)) and dims[1] != roles.past:
+            roles.seq = dims[1]
+            break
+    if padding is not None:
+        width = _input_dims(padding)[1]
+        if roles.seq is None:
+            roles.seq = width
+        elif _simple(width) and width != roles.seq:
+            roles.total.append(width)
+    known = {roles.batch, roles.seq, roles.past, *roles.fixed, *roles.total}
+    # Other symbols: a mask-like width (dim 1 of a 2-D input that is not token ids) is most
+    # likely past + query; any other gets a size of its own first.
+    widths = {_input_dims(t)[1] for t in inputs
+              if len(_input_dims(t)) == 2 and not _indexes_a_table(t)}
+    for t in inputs:
+        for d in _input_dims(t):
+            if isinstance(d, str):
+                for s in _symbols(d):
+                    if s not in known and s not in [f for f, _ in roles.free]:
+                        roles.free.append((s, d in widths or
+                                           padding is not None and d in _input_dims(padding)))
+    return roles
+
+
+def _sizes(roles: _Roles, program: _Program) -> list[tuple[int, int, int]]:
+    def pick(value, wanted):
+        return value if isinstance(value, int) else wanted
+
+    sizes = []
+    for b, s, p in BASE_SIZES:
+        s = pick(roles.seq, s) if roles.seq is not None else 1  # no length to vary
+        size = (pick(roles.batch, b), s, p if roles.past is not None else 0)
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def _probe(roles: _Roles, program: _Program, sizes) -> tuple[int, int, int] | None:
+    """One size longer than every integer constant of the mask subgraph (a window width would be
+    one), when the roles let the length vary and the mask stays affordable."""
+    longest = max(p + s for _, s, p in sizes)
+    if not program.int_constants:
+        return None
+    need = max(program.int_constants) + 2
+    if need <= longest:
+        return None
+    b = roles.batch if isinstance(roles.batch, int) else 1
+    if roles.past is not None:
+        s = roles.seq if isinstance(roles.seq, int) else 1
+        size = (b, s, need)
+        return size if b * s * (need + s) <= PROBE_LIMIT else None
+    if isinstance(roles.seq, str):
+        size = (b, need, 0)
+        return size if b * need * need <= PROBE_LIMIT else None
+    return None
+
+
+def _assignments(roles: _Roles, size: tuple[int, int, int]):
+    b, s, p = size
+    values = dict(roles.fixed)
+    if isinstance(roles.batch, str):
+        values[roles.batch] = b
+    if isinstance(roles.seq, str):
+        values[roles.seq] = s
+    if roles.past is not None:
+        values[roles.past] = p
+    for sym in roles.total:
+        values[sym] = p + s
+    # A size of its own, so that a mix-up of two lengths shows (1 where the query is 1, so that
+    # another sequence, e.g. a decoder's, is also evaluated at length 1).
+    own = 1 if s == 1 else p + s + 3
+    options = [([p + s, s, own] if total else [own, s, p + s]) for _, total in roles.free]
+    options = [list(dict.fromkeys(o)) for o in options]
+    for combo in itertools.islice(itertools.product(*options), 8):
+        yield {**values, **{sym: v for (sym, _), v in zip(roles.free, combo)}}
+
+
+def _padding_rows(batch: int, width: int, holes: bool) -> np.ndarray:
+    """Row 0 unpadded, then left padding of 1 and of about half, then a row with holes; batch 1
+    gets left padding of 2."""
+    mask = np.ones((batch, width), dtype=np.int64)
+    for r in range(batch):
+        if batch == 1:
+            mask[r, : min(2, width - 1)] = 0
+        elif r % 4 == 1:
+            mask[r, : min(1, width - 1)] = 0
+        elif r % 4 == 2:
+            mask[r, : min(max(2, width // 2), width - 1)] = 0
+        elif r % 4 == 3 and holes:
+            mask[r, 1 : width - 1 : 2] = 0
+    return mask
+
+
+def _feeds(graph: Graph, program: _Program, roles: _Roles, values: dict[str, int],
+           pad: bool = True):
+    """Inputs of the program at one size assignment. pad=False: the padding input all ones (the
+    long probe looks for a window, which left padding could hide)."""
+    feeds, padding = {}, None
+    for t in program.inputs:
+        shape = [d if isinstance(d, int) else _eval_dim(d, values) for d in _input_dims(t)]
+        dtype = _np_dtype(onnx_dtype(t))
+        if roles.padding is not None and t is roles.padding:
+            padding = _padding_rows(shape[0], shape[1], holes=True) if pad else \
+                np.ones(shape, dtype=np.int64)
+            feeds[t.name] = padding.astype(dtype)
+        else:
+            feeds[t.name] = np.zeros(shape, dtype=dtype)
+    for f in program.shape_feeds:
+        dims = _inferred_dims(f.infer, values) if f.infer is not None else \
+            [d if isinstance(d, int) else _eval_dim(d, values) for d in f.dims]
+        if f.size:
+            feeds[f.name] = np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
+        else:
+            feeds[f.name] = np.array(dims[slice(f.start, f.end)], dtype=np.int64)
+    return feeds, padding
+
+
+def _np_dtype(onnx_type: int):
+    if onnx_type == TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return helper.tensor_dtype_to_np_dtype(onnx_type)
+
+
+def _session(program: _Program):
+    """The program's onnxruntime session; raises _Unsupported if onnxruntime rejects it."""
+    if program.session is None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            program.session = ort.InferenceSession(program.model_bytes, options,
+                                                   providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises many types
+            raise _Unsupported(f"onnxruntime cannot load the mask subgraph: {_one_line(e)}") from e
+    return program.session
+
+
+# --------------------------------------------------------------------------- classifying
+
+
+@dataclass
+class _Evaluation:
+    size: tuple[int, int, int]  # (batch, query, past) driven
+    visible: np.ndarray  # [B|1, N|1, Sq, Skv] boolean
+    padding: np.ndarray | None  # [B, T] 0/1 as fed
+
+
+def _dim_key(graph: Graph, spec):
+    if spec is None or isinstance(spec, (int, str)):
+        return spec
+    shape = graph.shape(spec)
+    return None if not shape else shape[-2]
+
+
+def _visible(values: np.ndarray, drop: bool) -> np.ndarray | str:
+    """The boolean "key visible" array, or why the values are not a mask."""
+    if values.dtype == np.bool_:
+        return ~values if drop else values
+    if values.dtype.kind != "f" and str(values.dtype) != "bfloat16":
+        return f"the mask has element type {values.dtype}, neither float (additive) nor bool"
+    if drop:
+        return "a 'drop' mask must be boolean"
+    v = values.astype(np.float64)
+    if np.isnan(v).any():
+        return "the additive mask holds NaN"
+    visible = v == 0
+    hidden = v <= HIDDEN_AT_OR_BELOW
+    if not np.all(visible | hidden):
+        bad = v[~(visible | hidden)].reshape(-1)[0]
+        return (f"the additive mask holds {bad:g}, neither 0 nor a large negative value "
+                f"(a bias, not a mask)")
+    return visible
+
+
+def _classify(graph: Graph, program: _Program, query_len, key_len, drop: bool) -> MaskClass:
+    roles = _roles(graph, program)
+    value_inputs = program.value_inputs
+    if value_inputs and roles.padding is None:
+        names = ", ".join(f"'{n}'" for n in value_inputs)
+        return _arbitrary(f"the mask reads the values of {names}, not of one 2-D padding mask")
+    constant = not program.inputs and not program.shape_feeds
+    sizes = [(0, 0, 0)] if constant else _sizes(roles, program)
+    probe = None if constant else _probe(roles, program, sizes)
+    evaluations, notes = [], []
+    for size in sizes:
+        result = _evaluate(graph, program, roles, size, drop, query_len, key_len, strict=True)
+        if isinstance(result, str):  # every base size must evaluate, or nothing is proven
+            return _arbitrary(result)
+        evaluations.append(result)
+    if probe is not None:
+        result = _evaluate(graph, program, roles, probe, drop, query_len, key_len, strict=False)
+        if isinstance(result, _Evaluation):
+            evaluations.append(result)
+        else:
+            notes.append(f"the long probe (batch {probe[0]}, query {probe[1]}, past {probe[2]}) "
+                         f"did not evaluate{': ' + result if result else ''}")
+    elif program.int_constants and not constant and \
+            max(program.int_constants) + 2 > max(p + s for _, s, p in sizes):
+        notes.append(f"no long probe: a window as wide as the subgraph's largest integer constant "
+                     f"({max(program.int_constants)}) would not show at the sizes evaluated")
+    return _match(evaluations, roles, notes)
+
+
+def _evaluate(graph, program, roles, size, drop, query_len, key_len, strict):
+    """One evaluation, or why there is none (a string). A base size (strict) must evaluate to a
+    mask of the sizes asked for; the probe (not strict) may fail, which leaves it out (None or a
+    string: the mask cannot be computed that long, e.g. a baked buffer is shorter)."""
+    try:
+        session = _session(program)
+    except _Unsupported as e:
+        return str(e)
+    error = None
+    for values in _assignments(roles, size):
+        try:
+            feeds, padding = _feeds(graph, program, roles, values, pad=strict)
+            (out,) = session.run(None, feeds)
+        except _Unsupported as e:
+            return str(e)
+        except Exception as e:  # onnxruntime raises many types: try the next assignment
+            error = e
+            continue
+        out = np.asarray(out)
+        if out.ndim > 4:
+            return f"the mask has rank {out.ndim}"
+        out = out.reshape((1,) * (4 - out.ndim) + out.shape)
+        visible = _visible(out, drop)
+        if isinstance(visible, str):
+            return visible
+        b, s, p = size
+        for what, spec, axis in (("query", query_len, 2), ("key", key_len, 3)):
+            expected = _expected_dim(graph, spec, values)
+            if expected is not None and out.shape[axis] not in (1, expected):
+                return f"the mask's {what} dim is {out.shape[axis]} where the {what} length is {expected}"
+        if not strict and roles.seq is not None:  # the probe must come out the size asked for
+            if out.shape[2] not in (1, s) or out.shape[3] not in (1, p + s):
+                return None
+        if padding is not None and out.shape[0] not in (1, padding.shape[0]):
+            return f"the mask's batch dim is {out.shape[0]}, the padding mask's {padding.shape[0]}"
+        return _Evaluation(size, visible, padding)
+    return (f"the mask subgraph does not run at batch {size[0]}, query {size[1]}, past {size[2]}"
+            + (f": {_one_line(error)}" if error is not None else ""))
+
+
+def _expected_dim(graph: Graph, spec, values: dict[str, int]) -> int | None:
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return spec
+    dim = spec if isinstance(spec, str) else None
+    if dim is None:
+        shape = graph.shape(spec)
+        if not shape:
+            return None
+        dim = shape[-2]
+    if isinstance(dim, int):
+        return dim
+    if not isinstance(dim, str):
+        return None
+    try:
+        return _eval_dim(dim, values)
+    except Exception:  # a symbol the driver gave no size (e.g. unk__3): not checkable
+        return None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def _match(evaluations: list[_Evaluation], roles: _Roles, notes: list[str]) -> MaskClass:
+    """The first template that reproduces every evaluation."""
+    pad_name = roles.padding.name if roles.padding is not None else None
+    proven = tuple((e.visible.shape[0] if e.padding is None else e.padding.shape[0],
+                    e.visible.shape[2], e.visible.shape[3]) for e in evaluations)
+    note = "; ".join(["matched at (batch, query, key) sizes " + ", ".join(map(str, proven)), *notes])
+    empty = any(bool((~e.visible).all(axis=-1).any()) for e in evaluations)
+
+    def full(e: _Evaluation, template: np.ndarray) -> bool:
+        return _equal(e.visible, template)
+
+    def keys(e: _Evaluation) -> np.ndarray:
+        """[B|1, 1, 1, Skv] padding visibility (all visible without a padding input)."""
+        skv = e.visible.shape[3]
+        if e.padding is None:
+            return np.ones((1, 1, 1, skv), dtype=bool)
+        if e.padding.shape[1] != skv:
+            return None
+        return (e.padding == 1)[:, None, None, :]
+
+    def make(kind, **kw):
+        return MaskClass(kind, reason=note, empty_rows=empty, sizes=proven, **kw)
+
+    if all(e.visible.all() for e in evaluations):
+        return make("none")
+    has_padding = roles.padding is not None and all(keys(e) is not None for e in evaluations)
+    if has_padding and all(full(e, keys(e)) for e in evaluations):
+        return make("padding", padding=True, padding_input=pad_name)
+
+    # Causal and sliding-window templates, both alignments, with and without padding.
+    for use_padding in ([False, True] if has_padding else [False]):
+        found = {}
+        for alignment in ("upper_left", "lower_right"):
+            window = _window(evaluations, alignment, use_padding, keys)
+            if window is not None:
+                found[alignment] = window
+        if not found:
+            continue
+        # Both alignments fit only when no size had more keys than queries: report upper-left.
+        alignment = "upper_left" if "upper_left" in found else "lower_right"
+        lo, hi = found[alignment]
+        pad = dict(padding=True, padding_input=pad_name) if use_padding else {}
+        if hi is None:
+            kind = "causal_padding" if use_padding else f"causal_{alignment}"
+            return make(kind, alignment=alignment, **pad)
+        if lo == hi:
+            return make("sliding_window", alignment=alignment, window=lo, **pad)
+        return _arbitrary(f"a sliding window whose width the sizes evaluated do not pin "
+                          f"(between {lo} and {hi})")
+    return _arbitrary(_closest(evaluations, keys))
+
+
+def _equal(visible: np.ndarray, template: np.ndarray) -> bool:
+    shape = np.broadcast_shapes(visible.shape, template.shape)
+    return bool(np.array_equal(np.broadcast_to(visible, shape), np.broadcast_to(template, shape)))
+
+
+def _window(evaluations, alignment: str, use_padding: bool, keys):
+    """The window widths w (as an interval [lo, hi], hi None = unbounded, i.e. plain causal)
+    for which "c - w < j <= c (and padding)" reproduces every evaluation; None if none does."""
+    lo, hi = 1, None
+    for e in evaluations:
+        v = e.visible
+        sq, skv = v.shape[2], v.shape[3]
+        offset = skv - sq if alignment == "lower_right" else 0
+        i = np.arange(sq)[:, None]
+        j = np.arange(skv)[None, :]
+        causal = (j <= i + offset)[None, None]
+        allowed = causal & (keys(e) if use_padding else True)  # [B?, 1, Sq, Skv]
+        shape = np.broadcast_shapes(v.shape, allowed.shape)
+        v, allowed = np.broadcast_to(v, shape), np.broadcast_to(allowed, shape)
+        if np.any(v & ~allowed):
+            return None
+        # Within `allowed`, the visible keys must be the most recent ones. (argmax over booleans:
+        # the probe's masks are large.)
+        c = np.broadcast_to((i + offset)[None, None, :, 0], shape[:-1])
+        cut = allowed & ~v
+        any_cut = cut.any(axis=-1)
+        last_hidden = np.where(any_cut, skv - 1 - np.argmax(cut[..., ::-1], axis=-1), -1)
+        first_visible = np.where(v.any(axis=-1), np.argmax(v, axis=-1), skv)
+        if np.any(last_hidden >= first_visible):
+            return None
+        any_visible = first_visible < skv
+        any_hidden = last_hidden >= 0
+        # visible ones need j > c - w: w >= c - first_visible + 1
+        need_lo = np.where(any_visible, c - first_visible + 1, 1)
+        lo = max(lo, int(need_lo.max()))
+        # hidden allowed ones need j <= c - w: w <= c - last_hidden
+        if np.any(any_hidden):
+            bound = int(np.where(any_hidden, c - last_hidden, np.iinfo(np.int64).max).min())
+            hi = bound if hi is None else min(hi, bound)
+        if hi is not None and hi < lo:
+            return None
+    return lo, hi
+
+
+def _closest(evaluations, keys) -> str:
+    """Why nothing fit: the template that came nearest at the first size where one differs, and
+    by how many positions."""
+    best = None
+    for e in evaluations:
+        v = e.visible
+        sq, skv = v.shape[2], v.shape[3]
+        i = np.arange(sq)[:, None]
+        j = np.arange(skv)[None, :]
+        k = keys(e)
+        templates = {
+            "none": np.ones((1, 1, 1, 1), dtype=bool),
+            "causal_upper_left": (j <= i)[None, None],
+            "causal_lower_right": (j <= i + skv - sq)[None, None],
+        }
+        if k is not None and e.padding is not None:
+            templates["padding"] = k
+            templates["causal_padding (lower-right)"] = templates["causal_lower_right"] & k
+        for name, t in templates.items():
+            shape = np.broadcast_shapes(v.shape, t.shape)
+            diff = int(np.sum(np.broadcast_to(v, shape) != np.broadcast_to(t, shape)))
+            if diff and (best is None or diff < best[0]):
+                b, q, p = e.size
+                best = (diff, f"no template fits: nearest is {name}, which differs in {diff} of "
+                              f"{int(np.prod(shape))} positions at batch {b}, query {q}, past {p}")
+        if best is not None:
+            return best[1]
+    return "no template fits"

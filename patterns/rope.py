@@ -1,0 +1,564 @@
+"""Rotary position embeddings (RoPE): y = x·cos + rotate(x)·sin over the first rotary_dim channels
+of each head, the other channels passed through; rewritten to ONNX RotaryEmbedding (opset 23).
+
+Who writes it which way (transformers 5 exported by torch 2.13, and older Hugging Face code):
+- Llama, Qwen2, Mistral, Gemma 2 (TorchScript and dynamo): rotate_half(x) = Concat(-x2, x1) of the
+  halves x1, x2 taken by two Slices, applied after the head transpose ([batch, heads, seq, head]).
+  cos/sin are computed in the graph: positions · inv_freq (a broadcasting Mul; a MatMul in
+  older code), Concat(freqs, freqs), Cos/Sin, times the attention scaling, Cast. The positions
+  are an arange over the new tokens (plus the past length), or the position_ids input.
+- Phi-3 and GPT-NeoX (partial_rotary_factor): the same on x[..., :rotary_dim], with
+  x[..., rotary_dim:] concatenated back unchanged. torch.split writes halves or parts as Split.
+- GPT-J (rotate_every_two, interleaved): the even and odd channels by strided Slices, stacked as
+  (-x_odd, x_even) with Unsqueeze + Concat and flattened by a Reshape; sin/cos gathered from the
+  constant embed_positions table (Gather, or GatherND from dynamo) and repeat_interleave'd;
+  partial, and applied before the head transpose ([batch, seq, heads, head]). Code that views x
+  as pairs [..., head/2, 2] takes the channels with Gather or Slice instead.
+- Older Hugging Face code gathers from constant cos_cached/sin_cached tables sliced to the
+  sequence length: cos_cached[:seq_len][position_ids].
+
+The rule anchors at the Neg that every rotation has. A match is fused only when the tables it
+multiplies by are a rotation of the positions (halves or pairs repeating the same angles, cos
+and sin in their places) and the matched subgraph, run in onnxruntime on random input at
+several lengths and positions up to max_positions, equals the RotaryEmbedding that replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
+from onnx_fuse.pattern import Match, either, maybe, op, var
+from onnx_fuse.rewrite import Reject, Rewrite, Rule
+from onnx_fuse.specs import RotarySpec
+from onnx_fuse.targets.onnx import emit_rotary  # what a match is checked against: the op it becomes
+
+# How many positions the caches hold. None: as many as the graph's tables have, and a RoPE whose
+# tables are computed from the positions (no table bounds them) is not fused. An int overrides
+# (the CLI's --max-positions); it may not exceed a table the graph gathers from.
+MAX_POSITIONS: int | None = None
+
+
+# --- pattern ---------------------------------------------------------------------------------
+
+def signed(x):
+    """x or -x: which operand of the rotation carries the minus is checked on the numbers."""
+    return either(op.Neg(x, name="neg"), x)
+
+
+def rotate_half(x):
+    """Concat(-x2, x1) of the two halves of x, cut by two Slices or by one Split."""
+    half = either(op.Slice(x), op.Split(x, name="split"))
+    return op.Concat(signed(half), signed(half), name="rotate")
+
+
+def rotate_pairs(x):
+    """flatten(stack(-x_odd, x_even)): GPT-J's rotate_every_two. The channels are strided Slices
+    of x, or Gather/Slice of x viewed as pairs [..., head/2, 2]."""
+    pairs = op.Reshape(x, name="pairs")
+    channels = either(op.Slice(x), op.Gather(pairs), op.Slice(pairs))
+    stacked = op.Concat(maybe("Unsqueeze", signed(channels)), maybe("Unsqueeze", signed(channels)),
+                        name="rotate")
+    return op.Reshape(stacked, ops=("Flatten",), name="flatten")
+
+
+def rotation(x):
+    """x·cos + rotate(x)·sin; the sum and both products may be written in either order."""
+    return op.Add(op.Mul(x, var("cos"), commutative=True, name="x_cos"),
+                  op.Mul(either(rotate_half(x), rotate_pairs(x)), var("sin"), commutative=True,
+                         name="rotated_sin"),
+                  commutative=True, name="sum")
+
+
+# Partial rotary: Concat(rotation(x[..., :rotary_dim]), x[..., rotary_dim:]).
+channels_of_x = either(op.Slice(var("x"), name="rotated_part"), op.Split(var("x"), name="parts"))
+passed = either(op.Slice(var("x")), op.Split(var("x"), name="parts"))
+rope = either(op.Concat(rotation(channels_of_x), passed, name="partial"), rotation(var("x")))
+
+
+def rotation_output(graph: Graph, neg: Node) -> Tensor:
+    """From the Neg forward to the sum x·cos + rotate(x)·sin, and on to the Concat that appends
+    the channels a partial rotary passes through."""
+    tensor = neg.outputs[0]
+    for _ in range(5):  # Neg, Unsqueeze, Concat, Reshape, Mul: then the Add
+        users = [u for u in graph.consumers(tensor) if u.op not in ("Shape", "Size")]
+        if len(users) != 1:
+            break
+        tensor = users[0].outputs[0]
+        if users[0].op == "Add":
+            after = graph.consumers(tensor)
+            if (len(after) == 1 and after[0].op == "Concat" and after[0].inputs[0] is tensor
+                    and _on_last_axis(graph, after[0])):
+                return after[0].outputs[0]
+            return tensor
+    raise Reject("the Neg does not feed a sum x·cos + rotate(x)·sin")
+
+
+def _on_last_axis(graph: Graph, concat: Node) -> bool:
+    axis, rank = concat.attrs.get("axis"), graph.rank(concat.outputs[0])
+    return axis == -1 or rank is not None and axis == rank - 1
+
+
+# --- describe: structure, tables, numbers ----------------------------------------------------
+
+def describe_rope(graph: Graph, m: Match) -> RotarySpec:
+    x, output = m["x"], m["partial" if "partial" in m.captures else "sum"].outputs[0]
+    shape, dtype = graph.shape(x), onnx_dtype(x)
+    if shape is None or len(shape) not in (3, 4):
+        raise Reject(f"x has rank {None if shape is None else len(shape)}, not 3 or 4")
+    if not isinstance(shape[-1], int):
+        raise Reject("the head size is not static")
+    if dtype not in _TOLERANCE:
+        raise Reject(f"x is {onnx.TensorProto.DataType.Name(dtype or 0)}, not a float type this can verify")
+    interleaved = "flatten" in m.captures
+
+    tables = _tables(graph, m["cos"], m["sin"])
+    cos, sin = tables.cos, tables.sin
+    rotary_dim = cos.shape[-1]
+    if rotary_dim % 2 or rotary_dim > shape[-1] or ("partial" in m.captures) == (rotary_dim == shape[-1]):
+        raise Reject(f"the tables have {rotary_dim} channels for a head of {shape[-1]}")
+    layout = _layout(len(shape), len(shape) - tables.rank + tables.axis)
+    cos_cache, sin_cache = (_halve(t, interleaved, name) for t, name in ((cos, "cos"), (sin, "sin")))
+    _require_rotation(cos_cache, sin_cache, max(1e-3, _TOLERANCE[dtype]))
+    if dtype != onnx_dtype(m["cos"]) or dtype != onnx_dtype(m["sin"]):
+        raise Reject("cos/sin are not of x's type")
+
+    spec = RotarySpec(
+        input=x, output=output, positions=tables.positions, cos_cache=cos_cache,
+        sin_cache=sin_cache, cache_key=(tables.key, interleaved), interleaved=interleaved,
+        rotary_dim=rotary_dim, head_size=shape[-1], layout=layout, dtype=dtype,
+    )
+    _verify(graph, m, spec, tables)
+    return spec
+
+
+def _layout(rank: int, seq_axis: int) -> str:
+    """Where the positions run in x: seq after the heads (4-D, transposed), before them, or 3-D."""
+    layouts = {(4, 2): "bnsh", (4, 1): "bsnh", (3, 1): "bsh"}
+    if (rank, seq_axis) not in layouts:
+        raise Reject(f"the positions run along axis {seq_axis} of a {rank}-D x, not its sequence axis")
+    return layouts[rank, seq_axis]
+
+
+def _halve(table: np.ndarray, interleaved: bool, name: str) -> np.ndarray:
+    """RotaryEmbedding's cache: one angle per pair of channels. The table repeats each angle for
+    both channels of a pair: in two halves (rotate_half), or in adjacent channels (interleaved)."""
+    first, second = (table[:, 0::2], table[:, 1::2]) if interleaved else np.split(table, 2, axis=-1)
+    if not np.allclose(first, second, rtol=1e-6, atol=1e-6):
+        how = "even and odd channels" if interleaved else "two halves"
+        raise Reject(f"the {name} table's {how} differ: it does not rotate pairs of channels")
+    return np.ascontiguousarray(first)
+
+
+def _require_rotation(cos: np.ndarray, sin: np.ndarray, tolerance: float) -> None:
+    """cos = a·cos θ and sin = a·sin θ with θ = 0 at position 0 (a: the attention scaling)."""
+    scale = float(np.abs(cos[0]).max(initial=0.0))
+    if scale == 0 and np.any(sin[0]):
+        raise Reject("cos and sin are swapped: x is multiplied by a table that is 0 at position 0")
+    radius = cos.astype(np.float64) ** 2 + sin.astype(np.float64) ** 2
+    if scale == 0 or np.any(sin[0]) or not np.allclose(radius, scale ** 2, rtol=tolerance, atol=tolerance):
+        raise Reject("the cos/sin tables are not cos θ and sin θ of one angle per position")
+
+
+# --- the tables, as functions of the positions -----------------------------------------------
+
+@dataclass
+class _Tables:
+    positions: Tensor  # the integer tensor the tables are computed from
+    cos: np.ndarray  # [max_positions, rotary_dim]: cos as multiplied with x, one row a position
+    sin: np.ndarray
+    rank: int  # rank of cos as multiplied with x
+    axis: int  # its axis along which the positions run
+    key: tuple  # equal for tables computed the same way from the same positions
+
+
+def _tables(graph: Graph, cos: Tensor, sin: Tensor) -> _Tables:
+    """Evaluate cos and sin for positions 0 .. max_positions-1 in onnxruntime, once per distinct
+    computation (every layer multiplies by the same tables, unsqueezed per layer)."""
+    positions = _positions(graph, [cos, sin])
+    closure = _Closure(graph, [cos, sin], {id(positions): "positions"})
+    if closure.shape_leaves:
+        raise Reject(f"the cos/sin tables depend on the shape of '{closure.shape_leaves[0].name}'")
+    key = (closure.signature, graph.shape(positions), MAX_POSITIONS)
+    found = _once(graph, key, lambda: _evaluate_tables(graph, closure, positions))
+    return replace(found, positions=positions, key=key)
+
+
+def _evaluate_tables(graph: Graph, closure: "_Closure", positions: Tensor) -> _Tables:
+    rank = graph.rank(positions)
+    if rank not in (1, 2) or positions.shape is None:
+        raise Reject(f"the positions '{positions.name}' have rank {rank}, not [seq] or [batch, seq]")
+    lookups = closure.lookups()
+    session = _session(graph, closure.model([positions], closure.outputs + [table for table, _ in lookups]))
+    bound = None
+    if lookups:  # a table the graph gathers from bounds the positions
+        shapes = [t.shape for t in _run(session, {positions.name: np.zeros([1] * rank, _np_dtype(positions))})[2:]]
+        bound = min(shape[axis] for shape, (_, axis) in zip(shapes, lookups))
+    max_positions = _max_positions(bound)
+    index = np.arange(max_positions, dtype=_np_dtype(positions)).reshape([1] * (rank - 1) + [-1])
+    cos, sin = _run(session, {positions.name: index})[:2]
+    if cos.shape != sin.shape:
+        raise Reject("cos and sin have different shapes")
+    along = [a for a, d in enumerate(cos.shape[:-1]) if d == max_positions]
+    if len(along) != 1 or cos.size != max_positions * cos.shape[-1]:
+        raise Reject(f"cos computed for {max_positions} positions has shape {cos.shape}, not one row per position")
+    flat = (max_positions, cos.shape[-1])
+    return _Tables(positions, cos.reshape(flat), sin.reshape(flat), cos.ndim, along[0], ())
+
+
+def _max_positions(bound: int | None) -> int:
+    if MAX_POSITIONS is None:
+        if bound is None:
+            raise Reject("max_positions is unknown: cos/sin are computed from the positions, no "
+                         "table bounds them; set it (--max-positions N)")
+        return bound
+    if bound is not None and MAX_POSITIONS > bound:
+        raise Reject(f"max_positions {MAX_POSITIONS} exceeds the {bound} positions of the graph's table")
+    return MAX_POSITIONS
+
+
+# Ops whose inputs after the first are shapes, axes or bounds rather than data.
+_DATA_IN_FIRST_INPUT = {"Reshape", "Expand", "Tile", "Slice", "Unsqueeze", "Squeeze", "Split", "Pad",
+                        "Transpose", "Flatten", "Cast", "Identity"}
+_REARRANGING = {"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Cast", "Expand"}
+
+
+def _positions(graph: Graph, tables: list[Tensor]) -> Tensor:
+    """The integer tensor cos and sin are functions of: walking back along data (not shapes) to
+    the first non-constant integer tensor, then back through Unsqueeze/Reshape/Cast to the
+    positions as the graph computes them (an arange, arange + past, or the position_ids input)."""
+    found, stack, seen = [], list(tables), set()
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen or _is_constant(graph, tensor) or _is_integer(tensor) and graph.value(tensor) is not None:
+            continue  # a constant, or an integer one computed (arange(max_positions) of a table)
+        seen.add(id(tensor))
+        node = graph.producer(tensor)
+        if _is_integer(tensor):
+            while (node is not None and node.op in _REARRANGING and _is_integer(node.inputs[0])
+                   and all(_is_constant(graph, t) for t in node.inputs[1:])):
+                tensor, node = node.inputs[0], graph.producer(node.inputs[0])
+            if all(t is not tensor for t in found):
+                found.append(tensor)
+        elif node is None:
+            raise Reject(f"cos/sin depend on '{tensor.name}', not only on positions")
+        elif node.op not in ("Shape", "Size"):
+            stack.extend(node.inputs[:1] if node.op in _DATA_IN_FIRST_INPUT else node.inputs)
+    if len(found) != 1:
+        names = ", ".join(f"'{t.name}'" for t in found) or "none"
+        raise Reject(f"cos/sin must be functions of one integer position tensor; found {names}")
+    return found[0]
+
+
+# --- numerical verification ------------------------------------------------------------------
+
+_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.DOUBLE: 1e-8}
+_BATCH, _SEQ_LENGTHS, _HEADS = 2, (1, 5), 3
+
+
+def _verify(graph: Graph, m: Match, spec: RotarySpec, tables: _Tables) -> None:
+    """Run the matched subgraph and the RotaryEmbedding that replaces it on the same random x and
+    positions (including 0 and max_positions - 1); once per distinct subgraph and x shape."""
+    rotated = next(t for t in m["rotated_sin"].inputs if t is not m["sin"])
+    channels = next(t for t in m["x_cos"].inputs if t is not m["cos"])
+    watched = [spec.output, rotated] + ([channels, m["partial"].inputs[1]] if "partial" in m.captures else [])
+    closure = _Closure(graph, watched, {id(spec.input): "x", id(spec.positions): "positions"})
+    static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.input))
+    key = ("verified", closure.signature, static, tables.key, spec.interleaved)
+    _once(graph, key, lambda: _compare(graph, closure, spec))
+
+
+def _compare(graph: Graph, closure: "_Closure", spec: RotarySpec) -> None:
+    x, positions = spec.input, spec.positions
+    original = _session(graph, closure.model([x, positions] + closure.shape_leaves, closure.outputs))
+    fused = _session(graph, _fused_model(graph, spec))
+    rng = np.random.default_rng(0)
+    tolerance = _TOLERANCE[spec.dtype]
+    for seq in _SEQ_LENGTHS:
+        dims, sizes = _x_dims(graph, spec, seq)
+        feeds = {x.name: rng.standard_normal(dims).astype(_np_dtype(x)),
+                 positions.name: _random_positions(rng, graph, positions, dims[0], seq, spec.max_positions)}
+        for leaf in closure.shape_leaves:
+            feeds[leaf.name] = np.zeros(_dims(graph.shape(leaf), sizes, seq), _np_dtype(leaf))
+        y, rotated, *parts = _run(original, feeds)
+        head = feeds[x.name].astype(np.float64)
+        if parts and not (np.array_equal(parts[0], head[..., :spec.rotary_dim])
+                          and np.array_equal(parts[1], head[..., spec.rotary_dim:])):
+            raise Reject(f"the rotated and passed parts are not x[..., :{spec.rotary_dim}] and "
+                         f"x[..., {spec.rotary_dim}:]")
+        _require_rotate(rotated, head[..., :spec.rotary_dim], spec.interleaved, tolerance)
+        expected = _run(fused, feeds)[0]
+        if not np.allclose(y, expected, rtol=tolerance, atol=tolerance):
+            error = float(np.max(np.abs(y.astype(np.float64) - expected)))
+            raise Reject(f"RotaryEmbedding differs from the matched subgraph by {error:.3g} "
+                         f"(sequence length {seq})")
+
+
+def _require_rotate(rotated: np.ndarray, x: np.ndarray, interleaved: bool, tolerance: float) -> None:
+    """rotate(x) must be rotate_half(x) = (-x2, x1), or (-x1, x0, -x3, x2, ...) when interleaved."""
+    if interleaved:
+        expected = np.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+        name = "(-x[1::2], x[0::2]) interleaved"
+    else:
+        half = x.shape[-1] // 2
+        expected = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        name = f"(-x[{half}:], x[:{half}])"
+    if rotated.shape != expected.shape:
+        raise Reject(f"rotate(x) has shape {rotated.shape}, not x's {expected.shape}")
+    if np.allclose(rotated, expected, rtol=tolerance, atol=tolerance):
+        return
+    if np.allclose(rotated, -expected, rtol=tolerance, atol=tolerance):
+        raise Reject(f"wrong sign: rotate(x) is -{name}, the minus is on the wrong half")
+    raise Reject(f"mismatched halves: rotate(x) is not {name} of the {x.shape[-1]} rotated channels")
+
+
+def _fused_model(graph: Graph, spec: RotarySpec) -> onnx.ModelProto:
+    """x and the positions in, the output of what the onnx target emits for `spec` out."""
+    x, positions, y = spec.input, spec.positions, spec.output
+    io = [onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t), _dim_names(graph.shape(t)))
+          for t in (x, positions, y)]
+    check = Graph(onnx.helper.make_model(onnx.helper.make_graph([], "rope_check", io[:2], io[2:]),
+                                         opset_imports=[onnx.helper.make_opsetid("", 23)]))
+    tensors = check.gs.tensors()
+    rewrite = Rewrite(check, "rope")
+    emit_rotary(replace(spec, input=tensors[x.name], positions=tensors[positions.name],
+                        output=tensors[y.name]), rewrite)
+    rewrite.apply()
+    return _with_ir(gs.export_onnx(check.gs, do_type_check=False))
+
+
+def _x_dims(graph: Graph, spec: RotarySpec, seq: int) -> tuple[list[int], dict]:
+    """x's dims for the check, by axis (batch, heads, seq), and the values its symbols take."""
+    shape = graph.shape(spec.input)
+    seq_axis = {"bnsh": 2, "bsnh": 1, "bsh": 1}[spec.layout]
+    dims = [d if isinstance(d, int) else seq if axis == seq_axis else _BATCH if axis == 0 else _HEADS
+            for axis, d in enumerate(shape)]
+    return dims, {d: v for d, v in zip(shape, dims) if isinstance(d, str)}
+
+
+def _dims(shape: tuple | None, sizes: dict, default: int) -> list[int]:
+    """Dims of a tensor whose shape alone is read: x's symbols as in x, others `default`."""
+    if shape is None or None in shape:
+        raise Reject(f"cannot make an input of shape {shape} for the check")
+    return [d if isinstance(d, int) else sizes.get(d, default) for d in shape]
+
+
+def _random_positions(rng, graph: Graph, positions: Tensor, batch: int, seq: int, limit: int) -> np.ndarray:
+    """Positions in [0, limit), the first 0 and the last limit - 1 (the caches' last row)."""
+    shape = graph.shape(positions)
+    dims = [seq] if len(shape) == 1 else [1 if shape[0] == 1 else batch, seq]
+    values = rng.integers(0, limit, size=dims).reshape(-1)
+    values[0], values[-1] = (0, limit - 1) if values.size > 1 else (limit - 1, limit - 1)
+    return values.reshape(dims).astype(_np_dtype(positions))
+
+
+# --- subgraphs run on their own --------------------------------------------------------------
+
+class _Closure:
+    """The nodes that compute `outputs` from the tensors in `roles` and constants; other tensors
+    it reads only the shapes of are `shape_leaves`. `signature` is equal for closures that compute
+    the same function (same ops, attributes and constants; roles by name)."""
+
+    LIMIT = 400
+
+    def __init__(self, graph: Graph, outputs: list[Tensor], roles: dict[int, str]):
+        self.graph, self.outputs, self.roles = graph, outputs, roles
+        self.nodes: list[Node] = []
+        self.shape_leaves: list[Tensor] = []
+        self.bounds: list[Node] = []  # Slices that only bound the rows of a table gathered from
+        self._reached = self._collect()
+        self._signatures: dict[int, tuple] = {}
+        self._on_positions: dict[int, bool] = {}  # whether a tensor's values depend on a role
+        self.signature = tuple(self._signature(t) for t in outputs)
+
+    def _collect(self) -> set[int]:
+        """Every tensor the outputs' data is computed from; inputs of Shape are only noted."""
+        reached, stack = set(), list(self.outputs)
+        while stack:
+            tensor = stack.pop()
+            if id(tensor) in reached or id(tensor) in self.roles or _is_constant(self.graph, tensor):
+                continue
+            reached.add(id(tensor))
+            node = self.graph.producer(tensor)
+            if node is None:
+                raise Reject(f"the subgraph reads '{tensor.name}', which it cannot be checked without")
+            if len(reached) > self.LIMIT or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+                raise Reject("the cos/sin or rotation subgraph is too large or has control flow")
+            if node.op in ("Shape", "Size"):
+                continue
+            if _bounds_table(self.graph, node):
+                self.bounds.append(node)
+                stack.append(node.inputs[0])
+            else:
+                stack.extend(t for t in node.inputs if t.name)
+        return reached
+
+    def _signature(self, tensor: Tensor) -> tuple:
+        key = id(tensor)
+        if key in self._signatures:
+            return self._signatures[key]
+        node = self.graph.producer(tensor)
+        on_positions = False
+        if key in self.roles:
+            signature, on_positions = (self.roles[key],), True
+        elif not tensor.name:
+            signature = ("none",)
+        elif isinstance(tensor, gs.Constant):
+            # Small ones by value (layers often have copies of their own), tables by name.
+            small = int(np.prod(tensor.shape, dtype=np.int64)) <= _SMALL and self.graph.value(tensor) is not None
+            signature = _value_signature(self.graph.value(tensor)) if small else ("initializer", tensor.name)
+        elif _is_constant(self.graph, tensor):  # a Constant node
+            signature = _value_signature(_node_value(node))
+            self.nodes.append(node)
+        elif key not in self._reached:  # read only through Shape
+            self.shape_leaves.append(tensor)
+            signature = ("shape of", tensor.name)
+        else:
+            inputs = node.inputs[:1] if node in self.bounds else node.inputs
+            signature = (node.op, node.domain, node.outputs.index(tensor), _attrs(node),
+                         tuple(self._signature(t) for t in inputs))
+            on_positions = node.op not in ("Shape", "Size") and any(
+                self._on_positions[id(t)] for t in inputs)
+            if all(n is not node for n in self.nodes):
+                self.nodes.append(node)  # after its inputs': graph order
+        self._signatures[key], self._on_positions[key] = signature, on_positions
+        return signature
+
+    def lookups(self) -> list[tuple[Tensor, int]]:
+        """(table, axis) of each Gather by the positions from a table that does not depend on them."""
+        return [(node.inputs[0], node.attrs.get("batch_dims" if node.op == "GatherND" else "axis", 0))
+                for node in self.nodes if node.op in ("Gather", "GatherND", "GatherElements")
+                and not self._on_positions[id(node.inputs[0])] and self._on_positions[id(node.inputs[1])]]
+
+    def model(self, inputs: list[Tensor], outputs: list[Tensor]) -> onnx.ModelProto:
+        sub = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=outputs,
+                       opset=self.graph.opsets.get("", 23))
+        model = gs.export_onnx(sub, do_type_check=False)
+        del model.graph.value_info[:]
+        bounded = {n.outputs[0].name for n in self.bounds}
+        for node in model.graph.node:
+            if node.output[0] in bounded:  # the whole table: positions past the bound fail anyway
+                node.CopyFrom(onnx.helper.make_node("Identity", node.input[:1], node.output[:1], name=node.name))
+        for value, tensor in zip(model.graph.input, inputs):
+            value.CopyFrom(onnx.helper.make_tensor_value_info(
+                tensor.name, onnx_dtype(tensor) or onnx.TensorProto.FLOAT, _dim_names(self.graph.shape(tensor))))
+        del model.opset_import[:]
+        model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in self.graph.opsets.items())
+        return _with_ir(model)
+
+
+def _bounds_table(graph: Graph, node: Node) -> bool:
+    """table[:n] (start 0, step 1, n computed) that only Gathers along the same axis read: it
+    bounds the valid positions, the values gathered are the table's."""
+    if node.op != "Slice" or len(node.inputs) < 3 or graph.value(node.inputs[2]) is not None:
+        return False
+    starts, axes, steps = (graph.value(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name
+                           else default for i, default in ((1, None), (3, np.zeros(1)), (4, np.ones(1))))
+    if starts is None or axes is None or steps is None or np.any(starts) or np.any(steps != 1) or axes.size != 1:
+        return False
+    users = graph.consumers(node.outputs[0])
+    return bool(users) and all(u.op == "Gather" and u.inputs[0] is node.outputs[0]
+                               and u.attrs.get("axis", 0) == int(axes.reshape(-1)[0]) for u in users)
+
+
+_SMALL = 4096  # constants up to this many elements are compared by value
+
+
+def _value_signature(value: np.ndarray) -> tuple:
+    return ("const", str(value.dtype), value.shape, hashlib.sha1(value.tobytes()).hexdigest())
+
+
+def _attrs(node: Node) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in node.attrs.items()))
+
+
+def _node_value(node: Node) -> np.ndarray:
+    value = node.attrs.get("value")
+    if value is not None:
+        return np.asarray(value.values)
+    (key, value), = node.attrs.items()
+    return np.asarray(value, dtype=np.float32 if "float" in key else np.int64)
+
+
+def _is_constant(graph: Graph, tensor: Tensor) -> bool:
+    node = graph.producer(tensor)
+    return isinstance(tensor, gs.Constant) or node is not None and node.op == "Constant"
+
+
+def _is_integer(tensor: Tensor) -> bool:
+    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+
+
+def _np_dtype(tensor: Tensor):
+    return onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype(tensor))
+
+
+def _dim_names(shape: tuple | None) -> list | None:
+    return None if shape is None else [d if isinstance(d, (int, str)) else None for d in shape]
+
+
+def _with_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.ir_version = 10  # what onnxruntime reads with opset 23
+    return model
+
+
+def _session(graph: Graph, model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if graph.base_dir is not None:  # tables in external data files beside the model
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         os.path.abspath(graph.base_dir))
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own exception types are not importable portably
+        raise Reject(f"the subgraph does not load in onnxruntime: {_first_line(error)}")
+
+
+def _run(session, feeds: dict) -> list[np.ndarray]:
+    declared = {i.name for i in session.get_inputs()}
+    try:
+        return session.run(None, {k: v for k, v in feeds.items() if k in declared})
+    except Exception as error:
+        raise Reject(f"the subgraph does not run on its own: {_first_line(error)}")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+# Per graph: evaluated tables and verified subgraphs by signature (32 layers: 2 checks, q and k).
+_CACHES: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def _once(graph: Graph, key, compute):
+    """compute() once per graph and key; a Reject is remembered and raised again."""
+    cache = _CACHES.setdefault(graph, {})
+    if key not in cache:
+        try:
+            cache[key] = compute()
+        except Reject as reject:
+            cache[key] = reject
+    if isinstance(cache[key], Reject):
+        raise cache[key]
+    return cache[key]
+
+
+RULES = [
+    Rule(
+        name="rope",
+        anchor="Neg",
+        pattern=rope,
+        root=rotation_output,
+        describe=describe_rope,
+    )
+]
