@@ -108,6 +108,8 @@ class MaskClass:
                 which is what such an input holds; token ids never qualify.
     reason:     for "arbitrary", why nothing fit; otherwise how it was proven (the sizes).
     empty_rows: some query row hides every key at some evaluated size.
+    hides_with_minus_inf: the mask is additive and every hidden entry is -inf (an all-hidden
+                row is then NaN after the softmax, not an average of the keys).
     padding_input: name of the graph input the padding condition reads (None if not padding).
     sizes:      the (batch, query, key) sizes it was proven at.
     """
@@ -118,6 +120,7 @@ class MaskClass:
     padding: bool = False
     reason: str = ""
     empty_rows: bool = False
+    hides_with_minus_inf: bool = False  # an additive mask whose hidden entries are all -inf
     padding_input: str | None = None
     sizes: tuple = ()
 
@@ -913,6 +916,7 @@ class _Evaluation:
     size: tuple[int, int, int]  # (batch, query, past) driven
     visible: np.ndarray  # [B|1, N|1, Sq, Skv] boolean
     padding: np.ndarray | None  # [B, T] 0/1 as fed
+    minus_inf: bool  # every hidden entry is an additive -inf
 
 
 def _dim_key(graph: Graph, spec):
@@ -1006,7 +1010,8 @@ def _evaluate(graph, program, roles, size, drop, query_len, key_len, strict):
                 return None
         if padding is not None and out.shape[0] not in (1, padding.shape[0]):
             return f"the mask's batch dim is {out.shape[0]}, the padding mask's {padding.shape[0]}"
-        return _Evaluation(size, visible, padding)
+        hidden = out[~visible] if out.dtype.kind == "f" else np.zeros(1)
+        return _Evaluation(size, visible, padding, bool(np.all(np.isneginf(hidden))))
     return (f"the mask subgraph does not run at batch {size[0]}, query {size[1]}, past {size[2]}"
             + (f": {_one_line(error)}" if error is not None else ""))
 
@@ -1056,8 +1061,11 @@ def _match(evaluations: list[_Evaluation], roles: _Roles, notes: list[str]) -> M
             return None
         return (e.padding == 1)[:, None, None, :]
 
+    minus_inf = all(e.minus_inf for e in evaluations)
+
     def make(kind, **kw):
-        return MaskClass(kind, reason=note, empty_rows=empty, sizes=proven, **kw)
+        return MaskClass(kind, reason=note, empty_rows=empty, sizes=proven,
+                         hides_with_minus_inf=minus_inf, **kw)
 
     if all(e.visible.all() for e in evaluations):
         return make("none")

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import BadInput
 
@@ -214,7 +214,7 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None,
     if copy_of is None:
         try:
             payload = model.SerializeToString()
-        except ValueError as exc:  # protobuf refuses messages over 2 GB
+        except (ValueError, EncodeError) as exc:  # protobuf refuses messages over 2 GB
             raise BadInput(f"{path}: the model is too large to serialize ({_first_line(exc)}); "
                            "store its weights as external data") from None
     staged: list[tuple[str, str]] = []

@@ -61,6 +61,7 @@ class AttentionSpec:
     softcap: float  # c in c · tanh(scores / c) before the mask; 0 for none
     mask: MaskSpec | None
     softmax_dtype: int | None  # onnx dtype the softmax runs in when it differs from Q's
+    zeroes_empty_rows: bool  # the original outputs 0 for a query row whose keys are all hidden
     dtype: int  # onnx dtype of Q, K, V
     q_heads: Dim
     kv_heads: Dim

@@ -153,10 +153,12 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
     dtype = dtypes.pop()
     softmax_dtype = onnx_dtype(softmax.inputs[0])
 
+    mask = _mask(graph, m, dtype, softmax_dtype)
     return AttentionSpec(
         query=q, key=key, key_perm=key_perm, value=v, output=m["pv"].outputs[0],
-        scale=_scale(m), softcap=_softcap(m), mask=_mask(graph, m, dtype, softmax_dtype), dtype=dtype,
+        scale=_scale(m), softcap=_softcap(m), mask=mask, dtype=dtype,
         softmax_dtype=softmax_dtype if softmax_dtype != dtype else None,
+        zeroes_empty_rows=_zeroes_empty_rows(m, mask),
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
     )
 
@@ -291,6 +293,16 @@ def _mask(graph: Graph, m: Match, dtype: int, softmax_dtype: int | None) -> Mask
                     raise Reject("the mask broadcasts the scores to a larger shape")
     spec.klass = classify_mask_spec(graph, spec, query_len=m["q"], key_len=m["v"])
     return spec
+
+
+def _zeroes_empty_rows(m: Match, mask: MaskSpec | None) -> bool:
+    """Whether the original outputs 0 for a query row whose keys are all hidden: torch's SDPA
+    export guards the softmax's NaN, which only appears when hidden scores are -inf."""
+    if "nan_guard" not in m.captures or mask is None or mask.bias is not None:
+        return False
+    if mask.kind == "additive":
+        return mask.klass is not None and mask.klass.hides_with_minus_inf
+    return mask.fill == -np.inf
 
 
 RULES = [

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ..errors import BadInput
 from . import onnx as onnx_target
+from . import primitive_trt
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ def _target(name: str, module: ModuleType) -> Target:
     return Target(name, module.MIN_OPSET, module.emit)
 
 
-TARGETS = {t.name: t for t in [_target("onnx", onnx_target)]}
+TARGETS = {t.name: t for t in [_target("onnx", onnx_target),
+                                _target("primitive-trt", primitive_trt)]}
 
 
 def get_target(name: str) -> Target:

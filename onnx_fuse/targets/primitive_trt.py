@@ -1,0 +1,101 @@
+"""Target "primitive-trt": attention stays MatMul/Softmax/MatMul, written in the canonical form
+TensorRT's own MHA fusion recognises and can skip the masked half of (see "Exploiting Sparsity
+in Attention Masks" in the TensorRT transformers guide):
+
+- the scale is applied to Q before the first MatMul;
+- the causal mask is a Range-based `q >= kv` comparison built from pointwise, Range and Expand
+  ops only (sliding windows and padding are further pointwise conditions on the same mask);
+- exactly one masking op, a Where with -inf where masked, sits between the first MatMul and
+  the Softmax.
+
+Only attentions whose mask was proven causal (masks.py) are rewritten. -inf masking makes a
+query row whose keys are all hidden NaN; it is kept exact where the original zeroes such rows
+(torch's SDPA export does) and refused where the original averages them (eager exports with
+left padding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import Tensor
+from ..rewrite import Reject, Rewrite
+from ..specs import AttentionSpec
+
+MIN_OPSET = 13  # Softmax over one axis, Unsqueeze with axes as an input
+
+
+def emit(spec, rw: Rewrite) -> None:
+    if not isinstance(spec, AttentionSpec):
+        raise Reject("target primitive-trt keeps this as primitive ops")
+    klass = spec.mask.klass if spec.mask is not None else None
+    if klass is None or not klass.causal or spec.mask.bias is not None:
+        raise Reject("target primitive-trt rewrites causal attention only; this mask is "
+                     f"{klass.kind if klass else 'absent'}")
+    if klass.empty_rows and not spec.zeroes_empty_rows:
+        raise Reject("fully masked query rows (padding) average all keys in the original but "
+                     "would be NaN with TensorRT's -inf masking")
+    if spec.softcap:
+        raise Reject("softcap sits between the scores and the mask; TensorRT's pattern has none")
+
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
+    query = rw.op("Mul", [spec.query, rw.const("q_scale", np.array(spec.scale, np_type))])
+    key, value = spec.key, spec.value
+    if spec.key_perm is not None:
+        key = rw.op("Transpose", [key], {"perm": list(spec.key_perm)})
+    key, value = (_repeat_heads(spec, t, rw) for t in (key, value))
+    scores = rw.op("MatMul", [query, rw.op("Transpose", [key], {"perm": [0, 1, 3, 2]})])
+    visible = rw.shared(("trt_causal_mask", id(spec.mask.tensor), klass),
+                        lambda: _causal_visibility(spec, rw))
+    minus_inf = rw.const("minus_inf", np.array(-np.inf, np_type))
+    masked = rw.op("Where", [visible, scores, minus_inf])
+    if spec.softmax_dtype is not None:
+        masked = rw.op("Cast", [masked], {"to": spec.softmax_dtype})
+    probs = rw.op("Softmax", [masked], {"axis": -1})
+    if spec.softmax_dtype is not None:
+        probs = rw.op("Cast", [probs], {"to": spec.dtype})
+    if klass.empty_rows:  # zero the all-hidden rows, as the original does
+        probs = rw.op("Where", [rw.op("IsNaN", [probs]), rw.const("zero", np.zeros((), np_type)), probs])
+    rw.op("MatMul", [probs, value], outputs=[spec.output])
+
+
+def _repeat_heads(spec: AttentionSpec, tensor: Tensor, rw: Rewrite) -> Tensor:
+    """K/V heads repeated next to each other up to the query heads (grouped-query attention)."""
+    if spec.kv_heads == spec.q_heads:
+        return tensor
+    head_size = tensor.shape[3] if tensor.shape is not None and len(tensor.shape) == 4 else None
+    if not all(isinstance(d, int) for d in (spec.q_heads, spec.kv_heads, head_size)):
+        raise Reject("grouped-query attention with unknown head counts or head size")
+    rep = spec.q_heads // spec.kv_heads
+    wide = rw.op("Unsqueeze", [tensor, rw.const("head_axis", np.array([2], np.int64))])
+    wide = rw.op("Expand", [wide, rw.const("repeat", np.array([1, 1, rep, 1, 1], np.int64))])
+    merged = rw.const("merged", np.array([0, spec.q_heads, -1, head_size], np.int64))
+    return rw.op("Reshape", [wide, merged])
+
+
+def _causal_visibility(spec: AttentionSpec, rw: Rewrite) -> Tensor:
+    """Boolean [.., Sq, Skv]: key j visible from query i, from Range positions."""
+    klass = spec.mask.klass
+    one = rw.const("one", np.array(1, np.int64))
+    zero = rw.const("zero", np.array(0, np.int64))
+    q_len = rw.op("Squeeze", [rw.op("Shape", [spec.query], {"start": 2, "end": 3})])
+    k_len = rw.op("Squeeze", [rw.op("Shape", [spec.value], {"start": 2, "end": 3})])
+    q_pos = rw.op("Range", [zero, q_len, one])
+    if klass.alignment == "lower_right":  # queries are the last Sq of the Skv positions
+        q_pos = rw.op("Add", [q_pos, rw.op("Sub", [k_len, q_len])])
+    kv_pos = rw.op("Range", [zero, k_len, one])
+    rows = rw.op("Unsqueeze", [q_pos, rw.const("axis1", np.array([1], np.int64))])
+    cols = rw.op("Unsqueeze", [kv_pos, rw.const("axis0", np.array([0], np.int64))])
+    visible = rw.op("GreaterOrEqual", [rows, cols])
+    if klass.window is not None:
+        window = rw.const("window", np.array(klass.window, np.int64))
+        visible = rw.op("And", [visible, rw.op("Greater", [cols, rw.op("Sub", [rows, window])])])
+    if klass.padding:
+        padding = next((t for t in rw.graph.gs.inputs if t.name == klass.padding_input), None)
+        if padding is None:
+            raise Reject(f"the padding input '{klass.padding_input}' is not a graph input")
+        valid = rw.op("Cast", [padding], {"to": onnx.TensorProto.BOOL})
+        valid = rw.op("Unsqueeze", [valid, rw.const("axes12", np.array([1, 2], np.int64))])
+        visible = rw.op("And", [visible, valid])
+    return visible
