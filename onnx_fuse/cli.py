@@ -103,12 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--no-check", dest="check", action="store_false", help="skip the check")
     fuse.add_argument("--inputs", help="inputs for the check (.npz) instead of synthesized ones")
     fuse.add_argument("--report", help="write a JSON report here")
+    fuse.add_argument("--max-positions", type=int, metavar="N",
+                      help="positions the RoPE caches cover, where the graph does not bound them")
     fuse.set_defaults(run=_fuse)
 
     inspect = commands.add_parser("inspect", help="say what would fuse and why the rest does not")
     inspect.add_argument("input")
     inspect.add_argument("--target", default="onnx")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--max-positions", type=int, metavar="N")
     inspect.set_defaults(run=_inspect)
 
     check = commands.add_parser("check", help="compare two models in onnxruntime")
@@ -134,7 +137,8 @@ def _fuse(args) -> int:
             raise BadInput(f"{args.report}: the report may not overwrite a model")
         check_output_path(args.report, args.input, data_files)
     inputs = _load_inputs(args.inputs)
-    result = fuse(source, target=args.target, check=args.check, inputs=inputs)
+    result = fuse(source, target=args.target, check=args.check, inputs=inputs,
+                  max_positions=_positive(args.max_positions))
     result.save(args.output)
     if args.report:
         try:
@@ -150,7 +154,8 @@ def _fuse(args) -> int:
 def _inspect(args) -> int:
     from .fuse import fuse
 
-    report = fuse(args.input, target=args.target, check=False, apply=False).report
+    report = fuse(args.input, target=args.target, check=False, apply=False,
+                  max_positions=_positive(args.max_positions)).report
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -176,6 +181,12 @@ def _check(args) -> int:
         print(f"  {name}: max_abs {diff.max_abs:.3g}, max_rel {diff.max_rel:.3g} {verdict}")
     print(("passed: " if outcome.passed else "failed: ") + outcome.message)
     return EXIT_OK if outcome.passed else EXIT_CHECK_FAILED
+
+
+def _positive(value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise BadInput(f"--max-positions must be positive, got {value}")
+    return value
 
 
 def _load_inputs(path: str | None):

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import BadInput, CheckFailed
-from .graph import Graph
+from .graph import Graph, Options
 from .model_io import SourceModel, load_model, save_model, validate
 from .opset import OpsetError, default_opset, raise_opset
 from .rewrite import PassResult, Unfused, run_rules
@@ -36,12 +36,14 @@ class FuseResult:
 
 
 def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = None,
-         *, apply: bool = True) -> FuseResult:
+         *, apply: bool = True, max_positions: int | None = None) -> FuseResult:
     """Fuse `model` (a path or an onnx.ModelProto) for `target`.
 
     With `check` (the default) the result is run against the input in onnxruntime and a
     disagreement raises CheckFailed, so a wrong model is never returned. `apply=False` only
-    reports what would fuse. Raises BadInput for models that cannot be used.
+    reports what would fuse. `max_positions` bounds the positions RoPE caches cover where the
+    graph does not (cos/sin computed from the positions). Raises BadInput for models that cannot
+    be used.
     """
     # The graph is hundreds of thousands of small objects that live until the pass ends: the
     # cyclic garbage collector would rescan them over and over (time growing faster than the
@@ -49,13 +51,14 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = 
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _fuse(model, target, check, inputs, apply)
+        return _fuse(model, target, check, inputs, apply, Options(max_positions=max_positions))
     finally:
         if collecting:
             gc.enable()
 
 
-def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool) -> FuseResult:
+def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool,
+          options: Options) -> FuseResult:
     started = time.perf_counter()
     source = _source(model)
     chosen = get_target(target)
@@ -78,11 +81,11 @@ def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool) -> 
             try:
                 converted = _convert(source.model, weights, chosen.min_opset)
             except OpsetError as exc:
-                graph = _graph(weights.lean, weights, source.base_dir)
+                graph = _graph(weights.lean, weights, source.base_dir, options)
                 result = _blocked(run_rules(graph, rules, chosen.emit, apply=False),
                                   _opset_reason(from_opset, chosen.min_opset, exc))
             else:
-                graph = _graph(converted, weights, source.base_dir)
+                graph = _graph(converted, weights, source.base_dir, options)
                 result = run_rules(graph, rules, chosen.emit, apply=True)
                 if result.fused:
                     try:
@@ -94,7 +97,7 @@ def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool) -> 
                         working = converted  # the template for export: weights not needed
                         report["opset"]["to"] = chosen.min_opset
         else:
-            graph = _graph(weights.lean, weights, source.base_dir)
+            graph = _graph(weights.lean, weights, source.base_dir, options)
             result = run_rules(graph, rules, chosen.emit, apply=apply and not needs_opset)
 
     _describe(report, result)
@@ -136,9 +139,10 @@ def _opset_reason(from_opset: int, to_opset: int, exc: Exception) -> str:
     return f"cannot raise the opset from {from_opset} to {to_opset}: {exc}"
 
 
-def _graph(model: onnx.ModelProto, weights: "_Weights", base_dir: str | None) -> Graph:
+def _graph(model: onnx.ModelProto, weights: "_Weights", base_dir: str | None,
+           options: Options) -> Graph:
     """The graph to match on: `model` (weights possibly set aside) with inferred shapes."""
-    return Graph(weights.restore(_with_shapes(model)), base_dir)
+    return Graph(weights.restore(_with_shapes(model)), base_dir, options)
 
 
 def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -21,11 +22,20 @@ Node = gs.Node
 MAX_FOLD_ELEMENTS = 1 << 16
 
 
+@dataclass(frozen=True)
+class Options:
+    """What the user told the pass that the graph cannot (rules read them from Graph.options)."""
+
+    max_positions: int | None = None  # positions RoPE caches must cover (--max-positions)
+
+
 class Graph:
     """The model being rewritten."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | None = None,
+                 options: Options = Options()):
         self.base_dir = base_dir  # where the model's external data files are, if known
+        self.options = options
         self.opsets = {o.domain or "": o.version for o in model.opset_import}
         self.gs = gs.import_onnx(model)
         self._by_op: dict[str, list[Node]] | None = None

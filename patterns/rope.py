@@ -40,12 +40,6 @@ from onnx_fuse.rewrite import Reject, Rewrite, Rule
 from onnx_fuse.specs import RotarySpec
 from onnx_fuse.targets.onnx import emit_rotary  # what a match is checked against: the op it becomes
 
-# How many positions the caches hold. None: as many as the graph's tables have, and a RoPE whose
-# tables are computed from the positions (no table bounds them) is not fused. An int overrides
-# (the CLI's --max-positions); it may not exceed a table the graph gathers from.
-MAX_POSITIONS: int | None = None
-
-
 # --- pattern ---------------------------------------------------------------------------------
 
 def signed(x):
@@ -186,7 +180,7 @@ def _tables(graph: Graph, cos: Tensor, sin: Tensor) -> _Tables:
     closure = _Closure(graph, [cos, sin], {id(positions): "positions"})
     if closure.shape_leaves:
         raise Reject(f"the cos/sin tables depend on the shape of '{closure.shape_leaves[0].name}'")
-    key = (closure.signature, graph.shape(positions), MAX_POSITIONS)
+    key = (closure.signature, graph.shape(positions), graph.options.max_positions)
     found = _once(graph, key, lambda: _evaluate_tables(graph, closure, positions))
     return replace(found, positions=positions, key=key)
 
@@ -201,7 +195,7 @@ def _evaluate_tables(graph: Graph, closure: "_Closure", positions: Tensor) -> _T
     if lookups:  # a table the graph gathers from bounds the positions
         shapes = [t.shape for t in _run(session, {positions.name: np.zeros([1] * rank, _np_dtype(positions))})[2:]]
         bound = min(shape[axis] for shape, (_, axis) in zip(shapes, lookups))
-    max_positions = _max_positions(bound)
+    max_positions = _max_positions(graph.options.max_positions, bound)
     index = np.arange(max_positions, dtype=_np_dtype(positions)).reshape([1] * (rank - 1) + [-1])
     cos, sin = _run(session, {positions.name: index})[:2]
     if cos.shape != sin.shape:
@@ -213,15 +207,18 @@ def _evaluate_tables(graph: Graph, closure: "_Closure", positions: Tensor) -> _T
     return _Tables(positions, cos.reshape(flat), sin.reshape(flat), cos.ndim, along[0], ())
 
 
-def _max_positions(bound: int | None) -> int:
-    if MAX_POSITIONS is None:
+def _max_positions(asked: int | None, bound: int | None) -> int:
+    """How many positions the caches hold: `asked` (Options.max_positions, --max-positions), which
+    may not exceed a table the graph gathers from; else that table's rows. Tables computed from
+    the positions with nothing bounding them are not guessed at: the RoPE is not fused."""
+    if asked is None:
         if bound is None:
             raise Reject("max_positions is unknown: cos/sin are computed from the positions, no "
                          "table bounds them; set it (--max-positions N)")
         return bound
-    if bound is not None and MAX_POSITIONS > bound:
-        raise Reject(f"max_positions {MAX_POSITIONS} exceeds the {bound} positions of the graph's table")
-    return MAX_POSITIONS
+    if bound is not None and asked > bound:
+        raise Reject(f"max_positions {asked} exceeds the {bound} positions of the graph's table")
+    return asked
 
 
 # Ops whose inputs after the first are shapes, axes or bounds rather than data.

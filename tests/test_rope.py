@@ -4,6 +4,7 @@ transpose, tables gathered, sliced or computed in the graph) fuses to one Rotary
 computes the same thing; near-misses stay unfused with a reason. Then the committed models."""
 
 import json
+import functools
 import os
 
 import numpy as np
@@ -15,7 +16,6 @@ from onnx import TensorProto, helper
 import onnx_fuse
 import onnx_fuse.patterns
 from graphs import GraphBuilder
-from onnx_fuse.patterns import rope
 
 INT_MAX = np.iinfo(np.int64).max
 SEQ_AXIS = {"bnsh": 2, "bsnh": 1, "3d": 1}
@@ -23,8 +23,9 @@ SEQ_AXIS = {"bnsh": 2, "bsnh": 1, "3d": 1}
 
 @pytest.fixture
 def max_positions(monkeypatch):
-    """Set rope.MAX_POSITIONS for one test (what --max-positions does)."""
-    return lambda n: monkeypatch.setattr(rope, "MAX_POSITIONS", n)
+    """Make onnx_fuse.fuse use max_positions=n for one test (what --max-positions does)."""
+    original = onnx_fuse.fuse
+    return lambda n: monkeypatch.setattr(onnx_fuse, "fuse", functools.partial(original, max_positions=n))
 
 
 def angles(positions, rotary_dim, base=10000.0):
