@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import trt_contract
 from .errors import BadInput, CheckFailed
 from .graph import Graph, Options
 from .model_io import SourceModel, load_model, save_model, validate
@@ -103,6 +104,8 @@ def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool,
     _describe(report, result)
     changed = apply and bool(result.fused)
     output = export(graph, working) if changed else source.model
+    if changed:
+        report["tensorrt"] = trt_contract.report(chosen.name, output)
     fused = FuseResult(output, report, source.base_dir, changed, source.path)
     if proof is not None and changed:
         try:
