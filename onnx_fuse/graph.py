@@ -188,6 +188,8 @@ class Graph:
                 fn = {"Mul": operator.mul, "Add": operator.add, "Sub": operator.sub}[node.op]
                 n = max(len(a), len(b))
                 a, b = a * n if len(a) == 1 else a, b * n if len(b) == 1 else b
+                if node.op == "Mul":  # symbolic products stay comparable: "batch*4"
+                    return [dim_product(x, y) for x, y in zip(a, b)]
                 return [fn(x, y) if isinstance(x, int) and isinstance(y, int) else None
                         for x, y in zip(a, b)]
         if node.op == "Concat":
@@ -378,6 +380,26 @@ def onnx_dtype(tensor: Tensor) -> int | None:
         return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     except (TypeError, KeyError, ValueError):
         return getattr(dtype, "onnx_type", None)
+
+
+def dim_product(*dims) -> int | str | None:
+    """The product of dims, symbolic ones as a canonical string ("batch*4"); None if any is
+    unknown."""
+    number, symbols = 1, []
+    for d in dims:
+        if d is None or isinstance(d, bool):
+            return None
+        if isinstance(d, (int, np.integer)):
+            number *= int(d)
+        else:
+            for factor in str(d).split("*"):
+                if factor.strip().lstrip("-").isdigit():
+                    number *= int(factor)
+                else:
+                    symbols.append(factor.strip())
+    if not symbols:
+        return number
+    return "*".join(sorted(symbols) + ([str(number)] if number != 1 else []))
 
 
 def _dim_equal(a, b) -> bool | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -62,6 +62,7 @@ class AttentionSpec:
     mask: MaskSpec | None
     softmax_dtype: int | None  # onnx dtype the softmax runs in when it differs from Q's
     zeroes_empty_rows: bool  # the original outputs 0 for a query row whose keys are all hidden
+    flat_output: bool  # the original output is [B*Nq, Sq, Hv]: reshape the 4-D result to it
     dtype: int  # onnx dtype of Q, K, V
     q_heads: Dim
     kv_heads: Dim
@@ -116,5 +117,38 @@ class RotarySpec:
             "head_size": self.head_size,
             "max_positions": self.max_positions,
             "layout": self.layout,
+            "dtype": _dtype_name(self.dtype),
+        }
+
+
+@dataclass
+class KVCacheWriteSpec:
+    """A KV-cache write with the semantics of ONNX TensorScatter (opset 24, axis -2, linear): the
+    S tokens of `update` are copied into `past` at slots start .. start + S - 1 of axis -2, start
+    being positions[0] for every batch row; the rest of the cache passes through."""
+
+    min_opset: ClassVar[int] = 24  # TensorScatter (fuse raises the model to the max its specs need)
+
+    past: Tensor  # [B, N, L, H]: the cache before the write
+    update: Tensor  # [B, N, S, H]: the new tokens' keys or values
+    output: Tensor  # the updated cache [B, N, L, H]: the fused op takes over this tensor
+    positions: Tensor  # 1-D integer [S]: the slot of each new token, contiguous
+    contiguity: str  # why positions are contiguous: "range", "constant" or "assumed" (an input)
+    form: str  # what was matched: "scatter_elements" or "scatter_nd"
+    cache_len: Dim
+    kv_heads: Dim
+    head_size: Dim
+    dtype: int
+
+    def summary(self) -> dict:
+        return {
+            "form": self.form,
+            "cache_len": self.cache_len,
+            "kv_heads": self.kv_heads,
+            "head_size": self.head_size,
+            "positions": self.positions.name,
+            "write_index": f"{self.positions.name}[0]",
+            "contiguous": ("assumed: the input is arange(p, p + S)" if self.contiguity == "assumed"
+                           else f"proven ({self.contiguity})"),
             "dtype": _dtype_name(self.dtype),
         }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
+from onnx_fuse.graph import Graph, Node, Tensor, dim_product, onnx_dtype
 from onnx_fuse.pattern import Match, const, either, match, maybe, op, var
 from onnx_fuse.rewrite import Reject, Rule
 from onnx_fuse.masks import classify_mask_spec
@@ -124,11 +124,16 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
         key, key_perm = _key_behind_flat_transpose(graph, m["k_t"]), None
         if key is None:
             key, key_perm = m["k_t"], tuple(_swap_last_two(rank))
-    ranks = {graph.rank(t) for t in (q, key, v)}
-    if ranks != {4}:
-        raise Reject(f"Q/K/V ranks are {sorted(r for r in ranks if r)}; only 4-D [batch, heads, seq, head] is fused")
-    if key_perm == (0, 1, 2, 3):
+    if key_perm == tuple(range(rank)):
         key_perm = None
+    ranks = {graph.rank(t) for t in (q, key, v)}
+    flat = ranks == {3}
+    if flat:  # [batch*heads, seq, head] from 4-D tensors: attend over those
+        if key_perm is not None:
+            raise Reject("3-D attention whose K is laid out [batch*heads, head, seq] from the start")
+        q, key, v = (_unflattened(graph, t) for t in (q, key, v))
+    elif ranks != {4}:
+        raise Reject(f"Q/K/V ranks are {sorted(r for r in ranks if r)}; only 4-D [batch, heads, seq, head] is fused")
 
     q_shape = graph.shape(q)
     k_shape = graph.shape(key)
@@ -154,13 +159,34 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
     softmax_dtype = onnx_dtype(softmax.inputs[0])
 
     mask = _mask(graph, m, dtype, softmax_dtype)
+    if flat and mask is not None and any(
+            len(shape) >= 3 and shape[-3] != 1
+            for shape in (graph.shape(t) for t in (mask.tensor, mask.bias) if t is not None)):
+        raise Reject("the mask of a 3-D attention varies over batch*heads; it is not split back")
     return AttentionSpec(
         query=q, key=key, key_perm=key_perm, value=v, output=m["pv"].outputs[0],
         scale=_scale(m), softcap=_softcap(m), mask=mask, dtype=dtype,
-        softmax_dtype=softmax_dtype if softmax_dtype != dtype else None,
+        softmax_dtype=softmax_dtype if softmax_dtype != dtype else None, flat_output=flat,
         zeroes_empty_rows=_zeroes_empty_rows(m, mask),
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
     )
+
+
+def _unflattened(graph: Graph, tensor: Tensor) -> Tensor:
+    """The 4-D [B, N, S, H] tensor a 3-D [B*N, S, H] one was reshaped from, proven by the
+    Reshape's target: H kept and either S kept or the first dim B*N."""
+    node = graph.producer(tensor)
+    source = node.inputs[0] if node is not None and node.op == "Reshape" else None
+    if source is None or graph.rank(source) != 4:
+        raise Reject(f"3-D attention input '{tensor.name}' is not a reshape of a 4-D "
+                     "[batch, heads, seq, head] tensor: the head count is not provable")
+    b, n, s, h = graph.shape(source)
+    target = graph.dims(node.inputs[1])
+    merges_batch_and_heads = target is not None and len(target) == 3 and target[2] == h and (
+        (target[1] == s and s is not None) or (target[0] == dim_product(b, n) is not None))
+    if not (isinstance(n, int) and merges_batch_and_heads):
+        raise Reject(f"the reshape to 3-D '{tensor.name}' does not provably merge batch and heads")
+    return source
 
 
 def _key_behind_flat_transpose(graph: Graph, k_t: Tensor) -> Tensor | None:

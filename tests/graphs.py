@@ -143,3 +143,28 @@ def random_inputs(model: onnx.ModelProto, sizes=None, seed=0):
         else:
             feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
+
+
+def flat_attention_model(*, heads=4, head=8, reshape="minus_one", mask=None):
+    """Attention over [B*heads, S, head] tensors reshaped from 4-D ones (older Hugging Face
+    BART/Whisper code): reshape "minus_one" is view(B*heads, -1, head), "seq" keeps S by name."""
+    g = GraphBuilder()
+    q4, k4, v4 = (g.input(n, TensorProto.FLOAT, ["B", heads, "S" if n == "q" else "T", head])
+                  for n in ("q", "k", "v"))
+
+    def flat(x):
+        if reshape == "minus_one":
+            batch_heads = g.op("Mul", g.op("Shape", x, end=1), g.const([heads], np.int64))
+            shape = g.op("Concat", batch_heads, g.const([-1, head], np.int64), axis=0)
+        else:  # [-1, S, head] with S read off the tensor
+            shape = g.op("Concat", g.const([-1], np.int64), g.op("Shape", x, start=2), axis=0)
+        return g.op("Reshape", x, shape)
+
+    q, k, v = flat(q4), flat(k4), flat(v4)
+    s = g.op("MatMul", g.op("Mul", q, g.const(1 / np.sqrt(head))), g.op("Transpose", k, perm=[0, 2, 1]))
+    if mask == "shared":
+        s = g.op("Add", s, g.input("mask", TensorProto.FLOAT, [1, "S", "T"]))
+    elif mask == "per_head":
+        s = g.op("Add", s, g.input("mask", TensorProto.FLOAT, ["BN", "S", "T"]))
+    out = g.op("MatMul", g.op("Softmax", s, axis=-1), v)
+    return g.model(out)

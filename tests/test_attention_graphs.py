@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 import onnx_fuse
-from graphs import attention_model, random_inputs
+from graphs import attention_model, flat_attention_model, random_inputs
 
 
 def run(model, feeds):
@@ -108,6 +108,21 @@ def test_tanh_with_unequal_scales_is_not_a_softcap():
     result = onnx_fuse.fuse(model, check=True, inputs=random_inputs(model))
     assert result.report["counts"] == {}
     assert "not a softcap" in result.report["unfused"][0]["reason"]
+
+
+@pytest.mark.parametrize("reshape", ["minus_one", "seq"])
+@pytest.mark.parametrize("mask", [None, "shared"])
+def test_3d_attention_is_fused_on_the_4d_tensors(reshape, mask):
+    model = flat_attention_model(reshape=reshape, mask=mask)
+    result = assert_fused_and_equal(model, q_heads=4, head_size=8)
+    assert attention_nodes(result.model)[0].input[0] == "q"  # the 4-D query itself
+
+
+def test_3d_attention_with_a_per_head_mask_is_left_alone():
+    model = flat_attention_model(mask="per_head")
+    result = onnx_fuse.fuse(model, check=True, inputs=random_inputs(model, {"BN": 8}))
+    assert result.report["counts"] == {}
+    assert "varies over batch*heads" in result.report["unfused"][0]["reason"]
 
 
 def test_casts_around_softmax():

@@ -14,7 +14,7 @@ import onnx
 
 from ..graph import Tensor, _broadcast, onnx_dtype
 from ..rewrite import Rewrite
-from ..specs import AttentionSpec, MaskSpec, RotarySpec
+from ..specs import AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
 
 MIN_OPSET = 23
 
@@ -24,6 +24,8 @@ def emit(spec, rw: Rewrite) -> None:
         emit_attention(spec, rw)
     elif isinstance(spec, RotarySpec):
         emit_rotary(spec, rw)
+    elif isinstance(spec, KVCacheWriteSpec):
+        emit_kv_cache_write(spec, rw)
     else:
         raise TypeError(f"target onnx cannot emit {type(spec).__name__}")
 
@@ -42,7 +44,17 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
         attrs["softcap"] = float(spec.softcap)
     if spec.softmax_dtype is not None:
         attrs["softmax_precision"] = int(spec.softmax_dtype)
-    rw.op("Attention", inputs, attrs, outputs=[spec.output])
+    if spec.flat_output:
+        flat_to(spec, rw.op("Attention", inputs, attrs), rw)
+    else:
+        rw.op("Attention", inputs, attrs, outputs=[spec.output])
+
+
+def flat_to(spec: AttentionSpec, output: Tensor, rw: Rewrite) -> None:
+    """The 4-D attention output reshaped to the original's [B*N, S, H], which it takes over."""
+    tail = rw.op("Shape", [output], {"start": 2})
+    shape = rw.op("Concat", [rw.const("minus_one", np.array([-1], np.int64)), tail], {"axis": 0})
+    rw.op("Reshape", [output, shape], outputs=[spec.output])
 
 
 def attention_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
@@ -136,3 +148,26 @@ def _position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
     seq = rw.op("Shape", [positions], {"start": -1}, dtype=np.int64)
     shape = rw.op("Concat", [batch, seq], {"axis": 0}, dtype=np.int64)
     return rw.op("Expand", [positions, shape], dtype=np.int64)
+
+
+def emit_kv_cache_write(spec: KVCacheWriteSpec, rw: Rewrite) -> None:
+    """TensorScatter (opset 24; TensorRT's IKVCacheUpdateLayer): the update written into the
+    cache along axis -2 at write_indices[b] = positions[0] for every batch row b. The write
+    indices are built once per positions tensor (and batch) and shared by every layer."""
+    batch = rw.graph.shape(spec.past)
+    batch = batch[0] if batch is not None and batch[0] is not None else id(spec.past)
+    indices = rw.shared(("kv_write_indices", id(spec.positions), batch),
+                        lambda: _write_indices(spec, rw))
+    rw.op("TensorScatter", [spec.past, spec.update, indices], {"axis": -2, "mode": "linear"},
+          outputs=[spec.output])
+
+
+def _write_indices(spec: KVCacheWriteSpec, rw: Rewrite) -> Tensor:
+    """INT64 [B]: the first position, broadcast over the cache's batch."""
+    first = rw.op("Gather", [spec.positions, rw.const("kv_first", np.array(0, dtype=np.int64))],
+                  {"axis": 0}, dtype=spec.positions.dtype, shape=[])
+    if onnx_dtype(spec.positions) != onnx.TensorProto.INT64:
+        first = rw.op("Cast", [first], {"to": onnx.TensorProto.INT64}, dtype=np.int64, shape=[])
+    shape = rw.graph.shape(spec.past)
+    batch = rw.op("Shape", [spec.past], {"start": 0, "end": 1}, dtype=np.int64, shape=[1])
+    return rw.op("Expand", [first, batch], dtype=np.int64, shape=[shape[0] if shape else None])

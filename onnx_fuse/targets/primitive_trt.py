@@ -22,6 +22,7 @@ import onnx
 from ..graph import Tensor
 from ..rewrite import Reject, Rewrite
 from ..specs import AttentionSpec
+from .onnx import flat_to
 
 MIN_OPSET = 13  # Softmax over one axis, Unsqueeze with axes as an input
 
@@ -57,7 +58,10 @@ def emit(spec, rw: Rewrite) -> None:
         probs = rw.op("Cast", [probs], {"to": spec.dtype})
     if klass.empty_rows:  # zero the all-hidden rows, as the original does
         probs = rw.op("Where", [rw.op("IsNaN", [probs]), rw.const("zero", np.zeros((), np_type)), probs])
-    rw.op("MatMul", [probs, value], outputs=[spec.output])
+    if spec.flat_output:
+        flat_to(spec, rw.op("MatMul", [probs, value]), rw)
+    else:
+        rw.op("MatMul", [probs, value], outputs=[spec.output])
 
 
 def _repeat_heads(spec: AttentionSpec, tensor: Tensor, rw: Rewrite) -> Tensor:
