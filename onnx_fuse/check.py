@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from . import runtime
+
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -115,21 +117,7 @@ def run_model(model: ModelRef, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 def _session(model: ModelRef) -> onnxruntime.InferenceSession:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    if model.base_dir is not None:
-        # Where onnxruntime looks for the external data of a model given as bytes. (Writing
-        # the model to a temporary folder beside symlinks to the data does not work: recent
-        # onnxruntime resolves the links and rejects the data as outside the model folder.)
-        options.add_session_config_entry(
-            "session.model_external_initializers_file_folder_path", os.path.abspath(model.base_dir)
-        )
-    return ort.InferenceSession(
-        model.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    return runtime.session(model.model.SerializeToString(), model.base_dir, optimize=True)
 
 
 def _run(
@@ -301,7 +289,7 @@ def _plan_dims(
     fixed: dict[str, int] = {}
     past = 0
     for spec in specs:
-        dims, simple = spec.dims, [isinstance(d, str) and _symbols(d) == [d] for d in spec.dims]
+        dims, simple = spec.dims, [isinstance(d, str) and _symbols(d) == (d,) for d in spec.dims]
         if len(dims) >= 2 and simple[0]:
             fixed[dims[0]] = batch
         if len(dims) == 4 and _is_float(spec.dtype) and isinstance(dims[1], int):
@@ -324,6 +312,13 @@ def _plan_dims(
     else:  # e.g. a decode-step export with input_ids fixed to [batch, 1]
         lengths = (s.dims[-1] for s in ordered if s.kind in ("ids", "position"))
         seq = next((n for n in lengths if isinstance(n, int)), _SEQ)
+    # A fixed-size cache [batch, heads, cache_len, head_dim] written at 1-D positions (Hugging
+    # Face's cache_position): positions arange(past, past + seq) with a non-empty past that
+    # still fits in the cache.
+    static = [s.dims[2] for s in specs if len(s.dims) == 4 and _is_float(s.dtype)
+              and all(isinstance(d, int) for d in s.dims[1:])]
+    if not past and static and any(s.kind == "position" and len(s.dims) == 1 for s in specs):
+        past = min(_PAST, max(0, min(static) - seq))
 
     mask_symbols = set(free_symbols(s for s in specs if s.kind == "mask"))
     used = {batch, past, seq, past + seq}
@@ -431,13 +426,14 @@ def _is_arith(node: ast.expr) -> bool:
     return False
 
 
-def _symbols(text: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _symbols(text: str) -> tuple[str, ...]:
     """The free symbols a dim depends on: itself when it is a name, else the names in it."""
     tree = _dim_expr(text)
     if tree is None:
-        return [text]
+        return (text,)
     functions = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in functions]
+    return tuple(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in functions)
 
 
 def _eval_dim(text: str, values: dict[str, int]) -> int:

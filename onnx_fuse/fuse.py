@@ -15,7 +15,7 @@ from .errors import BadInput, CheckFailed
 from .graph import Graph, Options
 from .model_io import SourceModel, load_model, save_model, validate
 from .opset import OpsetError, default_opset, raise_opset
-from .rewrite import PassResult, Unfused, run_rules
+from .rewrite import PassResult, Reject, Unfused, run_rules
 from .targets import Target, get_target
 
 
@@ -73,33 +73,23 @@ def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool,
     working = source.model
     graph = None
     result = PassResult()
-    needs_opset = from_opset < chosen.min_opset
     if _has_anchors(source.model, rules):  # a model without candidates is not even imported
         weights = _Weights(source.model)
-        if apply and needs_opset:
-            # Convert first and match once on the converted model; keep the conversion only if
-            # something fuses, so a model with nothing to fuse passes through untouched.
-            try:
-                converted = _convert(source.model, weights, chosen.min_opset)
-            except OpsetError as exc:
-                graph = _graph(weights.lean, weights, source.base_dir, options)
-                result = _blocked(run_rules(graph, rules, chosen.emit, apply=False),
-                                  _opset_reason(from_opset, chosen.min_opset, exc))
-            else:
-                graph = _graph(converted, weights, source.base_dir, options)
-                result = run_rules(graph, rules, chosen.emit, apply=True)
-                if result.fused:
-                    try:
-                        if proof is not None:
-                            proof.require(weights.restore(converted), "the opset conversion")
-                    except CheckFailed as exc:
-                        result = _blocked(result, _opset_reason(from_opset, chosen.min_opset, exc))
-                    else:
-                        working = converted  # the template for export: weights not needed
-                        report["opset"]["to"] = chosen.min_opset
-        else:
-            graph = _graph(weights.lean, weights, source.base_dir, options)
-            result = run_rules(graph, rules, chosen.emit, apply=apply and not needs_opset)
+        # The opset is raised to what the fused ops need: the target's floor, or more where a
+        # spec that fused declares it (min_opset: TensorScatter needs 24). Matched at the floor
+        # first and again at the higher opset if something that fused needs it; if the model
+        # cannot be raised that far, those specs stay unfused (with the reason) and the rest fuse.
+        level, emit, previous = chosen.min_opset, chosen.emit, None
+        while True:
+            graph, result, working, failure = _match(source, weights, rules, emit, options, proof,
+                                                     report, from_opset, level, apply)
+            if failure is not None and previous is not None:
+                level, emit, previous = previous, _capped(chosen.emit, previous, failure), None
+                continue
+            wanted = max((_spec_opset(f.spec) for f in result.fused), default=0)
+            if not apply or failure is not None or wanted <= max(level, from_opset):
+                break
+            previous, level = level, wanted
 
     _describe(report, result)
     changed = apply and bool(result.fused)
@@ -114,6 +104,53 @@ def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool,
             report["check"] = proof.last
     report["seconds"] = round(time.perf_counter() - started, 3)
     return fused
+
+
+def _match(source, weights, rules, emit, options, proof, report, from_opset: int, level: int,
+           apply: bool):
+    """Match (and with `apply`, rewrite) at opset `level`, converting the model first when it
+    is below it. Returns the graph, the pass result, the export template and, when the
+    conversion failed or did not check, why (every fusion is then blocked with that reason)."""
+    working, failure = source.model, None
+    report["opset"]["to"] = from_opset
+    if apply and from_opset < level:
+        # Convert first and match once on the converted model; keep the conversion only if
+        # something fuses, so a model with nothing to fuse passes through untouched.
+        try:
+            converted = _convert(source.model, weights, level)
+        except OpsetError as exc:
+            graph = _graph(weights.lean, weights, source.base_dir, options)
+            failure = _opset_reason(from_opset, level, exc)
+            return graph, _blocked(run_rules(graph, rules, emit, apply=False), failure), working, failure
+        graph = _graph(converted, weights, source.base_dir, options)
+        result = run_rules(graph, rules, emit, apply=True)
+        if result.fused:
+            try:
+                if proof is not None:
+                    proof.require(weights.restore(converted), "the opset conversion")
+            except CheckFailed as exc:
+                failure = _opset_reason(from_opset, level, exc)
+                result = _blocked(result, failure)
+            else:
+                working = converted  # the template for export: weights not needed
+                report["opset"]["to"] = level
+        return graph, result, working, failure
+    graph = _graph(weights.lean, weights, source.base_dir, options)
+    return graph, run_rules(graph, rules, emit, apply=apply and from_opset >= level), working, None
+
+
+def _spec_opset(spec) -> int:
+    """The default-domain opset a spec's emitted ops need beyond the target's own floor."""
+    return getattr(spec, "min_opset", 0)
+
+
+def _capped(emit, level: int, reason: str):
+    """`emit`, refusing the specs whose ops need an opset above `level`."""
+    def capped(spec, rw):
+        if _spec_opset(spec) > level:
+            raise Reject(f"needs opset {_spec_opset(spec)}: {reason}")
+        emit(spec, rw)
+    return capped
 
 
 def _rules():

@@ -59,6 +59,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
+from . import runtime
 from .check import _eval_dim, _symbols  # dim expressions as exporters write them ("s0 + s1")
 from .graph import Graph, Tensor, onnx_dtype
 
@@ -69,6 +70,9 @@ from .graph import Graph, Tensor, onnx_dtype
 WEIGHT_BUDGET = 1 << 22
 # Rows of the zero stand-in for a heavy table that is only gathered from to compute a shape.
 STAND_IN_ROWS = 2048
+# A Shape's input is computed (rather than its shape inferred) only if it takes at most this
+# many nodes.
+TRIAL_NODES = 2000
 # Largest mask (elements) the long probe may materialize.
 PROBE_LIMIT = 1 << 25
 # Additive values at or below this hide a key (exp underflows to 0 in every float type).
@@ -138,6 +142,7 @@ def _arbitrary(reason: str) -> MaskClass:
 
 _CLASS_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
 _PROGRAM_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+_SHAPE_ROUTES: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
 
 
 def classify_mask(graph: Graph, mask: Tensor, *, query_len=None, key_len=None, model=None,
@@ -352,8 +357,9 @@ def _is_heavy(t: gs.Constant) -> bool:
 class _Walk:
     """Ancestors of the mask, stopping at Shape/Size nodes (see _build)."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, limit: int | None = None):
         self.graph = graph
+        self.limit = limit  # at most this many nodes (a trial walk gives up past it)
         self.nodes: dict[int, gs.Node] = {}
         self.value_seen: dict[int, gs.Node] = {}  # nodes walked in value context
         self.order: list[gs.Node] = []  # post-order: producers before consumers
@@ -395,6 +401,8 @@ class _Walk:
                 if id(node) not in self.nodes:
                     self.nodes[id(node)] = node
                     self.order.append(node)
+                    if self.limit is not None and len(self.nodes) > self.limit:
+                        raise _Unsupported("too large to compute for a shape")
                 seen[id(node)] = node
                 continue
             if node.op in _CONTROL_FLOW or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
@@ -431,14 +439,21 @@ class _Walk:
                             self.shape_inputs.setdefault(name, _input_named(self.graph, name))
             return
         # Compute x itself when that is cheap; otherwise infer its shape without the weights.
-        trial = _Walk(self.graph)
-        try:
-            trial.visit(x, shape_only=True)
-            heavy = [c for c in trial.constants.values() if _is_heavy(c)]
-            cheap = trial.budget <= WEIGHT_BUDGET and \
-                all(_only_gathered(c, trial.nodes) for c in heavy)
-        except _Unsupported:
-            cheap = False
+        # The verdict is kept per tensor: a deep activation's shape is asked for by many Shape
+        # nodes, and walking its ancestors again each time made this quadratic.
+        verdicts = _SHAPE_ROUTES.setdefault(self.graph, {})
+        if id(x) not in verdicts:
+            trial = _Walk(self.graph, limit=TRIAL_NODES)
+            try:
+                trial.visit(x, shape_only=True)
+                heavy = [c for c in trial.constants.values() if _is_heavy(c)]
+                cheap = trial.budget <= WEIGHT_BUDGET and \
+                    all(_only_gathered(c, trial.nodes) for c in heavy)
+            except _Unsupported:
+                cheap, heavy = False, []
+                trial.value_inputs, trial.shape_inputs = _all_inputs(self.graph), {}
+            verdicts[id(x)] = (cheap, heavy, {**trial.value_inputs, **trial.shape_inputs})
+        cheap, heavy, inputs = verdicts[id(x)]
         if cheap:
             # x's values do not matter, only its shape: a heavy table that is only gathered from
             # becomes a zero stand-in with fewer rows (a Gather's shape does not depend on them).
@@ -449,8 +464,13 @@ class _Walk:
             return
         self.inferred.add(id(node))
         self.shape_feeds[id(node)] = node
-        for name, t in {**trial.value_inputs, **trial.shape_inputs}.items():
+        for name, t in inputs.items():
             self.shape_inputs.setdefault(name, t)
+
+
+def _all_inputs(graph: Graph) -> dict[str, Tensor]:
+    """Every graph input: what an activation whose ancestry is too large to walk may read."""
+    return {t.name: t for t in graph.gs.inputs}
 
 
 def _only_gathered(c: gs.Constant, nodes: dict) -> bool:
@@ -713,7 +733,7 @@ class _Roles:
 
 
 def _simple(d) -> bool:
-    return isinstance(d, str) and _symbols(d) == [d]
+    return isinstance(d, str) and _symbols(d) == (d,)
 
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -895,14 +915,8 @@ def _np_dtype(onnx_type: int):
 def _session(program: _Program):
     """The program's onnxruntime session; raises _Unsupported if onnxruntime rejects it."""
     if program.session is None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            program.session = ort.InferenceSession(program.model_bytes, options,
-                                                   providers=["CPUExecutionProvider"])
+            program.session = runtime.session(program.model_bytes)
         except Exception as e:  # onnxruntime raises many types
             raise _Unsupported(f"onnxruntime cannot load the mask subgraph: {_one_line(e)}") from e
     return program.session

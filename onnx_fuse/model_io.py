@@ -219,6 +219,7 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None,
                            "store its weights as external data") from None
     staged: list[tuple[str, str]] = []
     made_dirs: list[str] = []
+    created: list[str] = []
     try:
         for src, dst in copies:
             made_dirs += _make_dirs(os.path.dirname(dst))
@@ -233,11 +234,16 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None,
             with open(tmp, "wb") as f:
                 f.write(payload)
         for tmp, dst in staged:
+            existed = os.path.lexists(dst)
             os.replace(tmp, dst)
+            if not existed:
+                created.append(dst)
     except BaseException as exc:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        for dst in created:  # data files already in place for a model that never came
+            os.unlink(dst)
         for directory in reversed(made_dirs):
             try:
                 os.rmdir(directory)

@@ -61,7 +61,9 @@ class AttentionSpec:
     softcap: float  # c in c · tanh(scores / c) before the mask; 0 for none
     mask: MaskSpec | None
     softmax_dtype: int | None  # onnx dtype the softmax runs in when it differs from Q's
-    zeroes_empty_rows: bool  # the original outputs 0 for a query row whose keys are all hidden
+    # What the original outputs for a query row whose keys are all hidden: "mean" of V (finite
+    # fill: the softmax is uniform), "zero" (-inf fill and torch SDPA's NaN guard) or "nan".
+    empty_row_output: str
     flat_output: bool  # the original output is [B*Nq, Sq, Hv]: reshape the 4-D result to it
     dtype: int  # onnx dtype of Q, K, V
     q_heads: Dim
@@ -130,7 +132,8 @@ class KVCacheWriteSpec:
     min_opset: ClassVar[int] = 24  # TensorScatter (fuse raises the model to the max its specs need)
 
     past: Tensor  # [B, N, L, H]: the cache before the write
-    update: Tensor  # [B, N, S, H]: the new tokens' keys or values
+    update: Tensor  # update_perm applied to it gives [B, N, S, H]: the new tokens' keys or values
+    update_perm: tuple[int, ...] | None
     output: Tensor  # the updated cache [B, N, L, H]: the fused op takes over this tensor
     positions: Tensor  # 1-D integer [S]: the slot of each new token, contiguous
     contiguity: str  # why positions are contiguous: "range", "constant" or "assumed" (an input)

@@ -30,7 +30,9 @@ def check_model(model: onnx.ModelProto) -> list[dict]:
     types = {v.name: v.type.tensor_type for v in
              [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     types.update({t.name: _initializer_type(t) for t in inferred.graph.initializer})
-    checks = {"Attention": _attention, "RotaryEmbedding": _rotary, "TensorScatter": _scatter}
+    io = ({v.name: v for v in model.graph.input}, {v.name for v in model.graph.output})
+    checks = {"Attention": _attention, "RotaryEmbedding": _rotary,
+              "TensorScatter": lambda node, types: _scatter(node, types, *io)}
     entries = []
     for node in model.graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type in checks:
@@ -102,17 +104,31 @@ def _rotary(node, types) -> list[str]:
     return problems
 
 
-def _scatter(node, types) -> list[str]:
+def _scatter(node, types, graph_inputs: dict | None = None, graph_outputs: set | None = None) -> list[str]:
     problems = []
     if _rank(types, node.input[0]) != 4 or _rank(types, node.input[1]) != 4:
         problems.append("cache and update must be 4-D")
     attrs = _attrs(node)
-    if attrs.get("axis", -2) not in (-2, 2):
+    if attrs.get("axis", -2) != -2:
         problems.append(f"axis {attrs.get('axis')} (TensorRT takes -2)")
-    if attrs.get("mode", "linear") != "linear":
+    mode = attrs.get("mode", "linear")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "linear":
         problems.append("only linear mode is supported")
-    if len(node.input) > 2 and node.input[2] and _rank(types, node.input[2]) != 1:
+    indices = node.input[2] if len(node.input) > 2 else ""
+    if not indices:
+        problems.append("no write indices (TensorRT takes write indices of shape [B])")
+    elif _rank(types, indices) not in (None, 1):
         problems.append("write indices must have shape [B]")
+    if graph_inputs is not None:
+        cache = graph_inputs.get(node.input[0])
+        if cache is None:
+            problems.append("the cache is not a network input (TensorRT updates an input buffer in place)")
+        else:
+            dims = cache.type.tensor_type.shape.dim
+            if len(dims) != 4 or not dims[2].HasField("dim_value"):
+                problems.append("the cache's sequence length (axis -2) is not static")
+    if graph_outputs is not None and node.output[0] not in graph_outputs:
+        problems.append("the updated cache is not a network output (it must share the input's memory)")
     return problems
 
 

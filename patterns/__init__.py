@@ -1,6 +1,7 @@
 """The fusion rules, one module per fusion family (installed as onnx_fuse.patterns)."""
 
 from .attention import RULES as ATTENTION_RULES
+from .kv_cache import RULES as KV_CACHE_RULES
 from .rope import RULES as ROPE_RULES
 
-RULES = [*ATTENTION_RULES, *ROPE_RULES]
+RULES = [*ATTENTION_RULES, *ROPE_RULES, *KV_CACHE_RULES]

@@ -158,6 +158,9 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
     dtype = dtypes.pop()
     softmax_dtype = onnx_dtype(softmax.inputs[0])
 
+    scale = _scale(m)
+    if not scale > 0:  # Attention's scale must be positive (onnxruntime and TensorRT reject others)
+        raise Reject(f"the scores are scaled by {scale}, not a positive factor")
     mask = _mask(graph, m, dtype, softmax_dtype)
     if flat and mask is not None and any(
             len(shape) >= 3 and shape[-3] != 1
@@ -165,9 +168,9 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
         raise Reject("the mask of a 3-D attention varies over batch*heads; it is not split back")
     return AttentionSpec(
         query=q, key=key, key_perm=key_perm, value=v, output=m["pv"].outputs[0],
-        scale=_scale(m), softcap=_softcap(m), mask=mask, dtype=dtype,
+        scale=scale, softcap=_softcap(m), mask=mask, dtype=dtype,
         softmax_dtype=softmax_dtype if softmax_dtype != dtype else None, flat_output=flat,
-        zeroes_empty_rows=_zeroes_empty_rows(m, mask),
+        empty_row_output=_empty_row_output(m, mask),
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
     )
 
@@ -321,14 +324,17 @@ def _mask(graph: Graph, m: Match, dtype: int, softmax_dtype: int | None) -> Mask
     return spec
 
 
-def _zeroes_empty_rows(m: Match, mask: MaskSpec | None) -> bool:
-    """Whether the original outputs 0 for a query row whose keys are all hidden: torch's SDPA
-    export guards the softmax's NaN, which only appears when hidden scores are -inf."""
-    if "nan_guard" not in m.captures or mask is None or mask.bias is not None:
-        return False
+def _empty_row_output(m: Match, mask: MaskSpec | None) -> str:
+    """What the original gives a query row whose keys are all hidden (see AttentionSpec)."""
+    if mask is None:
+        return "mean"
     if mask.kind == "additive":
-        return mask.klass is not None and mask.klass.hides_with_minus_inf
-    return mask.fill == -np.inf
+        minus_inf = mask.bias is None and mask.klass is not None and mask.klass.hides_with_minus_inf
+    else:
+        minus_inf = mask.fill == -np.inf
+    if not minus_inf:
+        return "mean"
+    return "zero" if "nan_guard" in m.captures else "nan"
 
 
 RULES = [

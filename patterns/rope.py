@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_fuse import runtime
 from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
 from onnx_fuse.pattern import Match, either, maybe, op, var
 from onnx_fuse.rewrite import Reject, Rewrite, Rule
@@ -507,16 +508,8 @@ def _with_ir(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _session(graph: Graph, model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    if graph.base_dir is not None:  # tables in external data files beside the model
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         os.path.abspath(graph.base_dir))
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:  # tables may be in external data files beside the model
+        return runtime.session(model.SerializeToString(), graph.base_dir)
     except Exception as error:  # onnxruntime's own exception types are not importable portably
         raise Reject(f"the subgraph does not load in onnxruntime: {_first_line(error)}")
 

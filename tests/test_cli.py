@@ -384,3 +384,20 @@ def test_failed_check_is_exit_1_and_writes_no_model(capfd, tmp_path, model_path,
                             "--report", tmp_path / "r.json")
     assert code == 1 and len(err.splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["in.onnx", "r.json"]
+
+
+def test_failure_at_the_model_rename_removes_the_data_already_renamed(capfd, tmp_path, monkeypatch):
+    path = _external_model(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    real = os.replace
+
+    def model_rename_fails(src, dst):
+        if str(dst).endswith(".onnx"):
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(model_io.os, "replace", model_rename_fails)
+    code, _, err = run_main(capfd, "fuse", path, "-o", out_dir / "out.onnx", "--no-check")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert os.listdir(out_dir) == []

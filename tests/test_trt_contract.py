@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnx_fuse
-from onnx_fuse.trt_contract import check_model
+from onnx_fuse.trt_contract import causal_form_problems, check_model
 
 MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "models")
 
@@ -76,8 +76,17 @@ def test_primitive_trt_target_writes_the_causal_form_tensorrt_exploits():
     assert "Attention" not in {n.op_type for n in result.model.graph.node}
 
 
+@pytest.mark.parametrize("name", ["llama-gqa_prefill_eager_torchscript.onnx",
+                                  "gpt2_prefill_sdpa_dynamo.onnx",
+                                  "mistral-swa_decode_eager_dynamo.onnx"])
+def test_primitive_trt_keeps_fully_masked_rows_as_the_original(name):
+    # Eager and dynamo-SDPA exports average V over a fully masked (left-padded) query row.
+    result = onnx_fuse.fuse(os.path.join(MODELS, name), target="primitive-trt", check=True)
+    assert result.report["counts"]["attention"] == 2 and result.report["check"]["passed"]
+    assert all(e["problems"] == [] for e in causal_form_problems(result.model))
+
+
 @pytest.mark.parametrize("name, reason", [
-    ("llama-gqa_prefill_eager_torchscript.onnx", "average all keys"),
     ("bert_encoder_eager_dynamo.onnx", "causal attention only"),
 ])
 def test_primitive_trt_target_refuses_what_it_cannot_keep_exact(name, reason):

@@ -158,7 +158,10 @@ def emit_kv_cache_write(spec: KVCacheWriteSpec, rw: Rewrite) -> None:
     batch = batch[0] if batch is not None and batch[0] is not None else id(spec.past)
     indices = rw.shared(("kv_write_indices", id(spec.positions), batch),
                         lambda: _write_indices(spec, rw))
-    rw.op("TensorScatter", [spec.past, spec.update, indices], {"axis": -2, "mode": "linear"},
+    update = spec.update
+    if spec.update_perm is not None:
+        update = rw.op("Transpose", [update], {"perm": list(spec.update_perm)}, dtype=update.dtype)
+    rw.op("TensorScatter", [spec.past, update, indices], {"axis": -2, "mode": "linear"},
           outputs=[spec.output])
 
 

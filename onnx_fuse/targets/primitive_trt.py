@@ -9,9 +9,9 @@ in Attention Masks" in the TensorRT transformers guide):
   the Softmax.
 
 Only attentions whose mask was proven causal (masks.py) are rewritten. -inf masking makes a
-query row whose keys are all hidden NaN; it is kept exact where the original zeroes such rows
-(torch's SDPA export does) and refused where the original averages them (eager exports with
-left padding).
+query row whose keys are all hidden (left padding) NaN; a pointwise Where after the Softmax gives
+such rows what the original gave them: zeros (torch's SDPA export) or uniform weights (eager
+exports, whose finite fill makes the softmax uniform).
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ def emit(spec, rw: Rewrite) -> None:
     if klass is None or not klass.causal or spec.mask.bias is not None:
         raise Reject("target primitive-trt rewrites causal attention only; this mask is "
                      f"{klass.kind if klass else 'absent'}")
-    if klass.empty_rows and not spec.zeroes_empty_rows:
-        raise Reject("fully masked query rows (padding) average all keys in the original but "
-                     "would be NaN with TensorRT's -inf masking")
     if spec.softcap:
         raise Reject("softcap sits between the scores and the mask; TensorRT's pattern has none")
 
@@ -56,8 +53,15 @@ def emit(spec, rw: Rewrite) -> None:
     probs = rw.op("Softmax", [masked], {"axis": -1})
     if spec.softmax_dtype is not None:
         probs = rw.op("Cast", [probs], {"to": spec.dtype})
-    if klass.empty_rows:  # zero the all-hidden rows, as the original does
-        probs = rw.op("Where", [rw.op("IsNaN", [probs]), rw.const("zero", np.zeros((), np_type)), probs])
+    if klass.empty_rows and spec.empty_row_output != "nan":
+        # -inf masking makes an all-hidden row NaN: give it what the original gave, zeros or
+        # the uniform weights 1/Skv that average V.
+        if spec.empty_row_output == "zero":
+            fill = rw.const("zero", np.zeros((), np_type))
+        else:
+            keys = rw.op("Cast", [rw.op("Shape", [value], {"start": 2, "end": 3})], {"to": spec.dtype})
+            fill = rw.op("Reciprocal", [keys])
+        probs = rw.op("Where", [rw.op("IsNaN", [probs]), fill, probs])
     if spec.flat_output:
         flat_to(spec, rw.op("MatMul", [probs, value]), rw)
     else:

@@ -1,0 +1,336 @@
+"""KV-cache writes into fixed-size caches: the S new tokens' keys (or values) copied into the cache
+[B, N, L, H] along its sequence axis, at slots p .. p + S - 1; rewritten to ONNX TensorScatter
+(opset 24, axis -2, mode linear), which TensorRT's parser maps to IKVCacheUpdateLayer.
+
+Who writes it which way (Hugging Face StaticCache: `cache.index_copy_(2, cache_position, new)`):
+- TorchScript: ScatterElements(past, Expand(Unsqueeze(positions, [0, 1, 3]), shape), new, axis=2),
+  the Expand shape being past's shape with dim 2 replaced by S.
+- dynamo: Transpose(ScatterND(Transpose(past, [2, 0, 1, 3]), Unsqueeze(positions, [1]),
+  Transpose(new, [2, 0, 1, 3])), [1, 2, 0, 3]).
+
+Both write token s to slot positions[s], the same slot for every batch row; TensorScatter writes
+it to slot write_indices[b] + s. They agree when positions = arange(p, p + S) and write_indices is
+positions[0] broadcast over the batch. That contiguity is proven where the graph computes the
+positions (a Range with step 1, a constant) and assumed where they are a graph input (Hugging
+Face's cache_position is always arange(past_length, past_length + S)); each fused write says
+which in the report. Every match is also run in onnxruntime, with the TensorScatter that replaces
+it, on random caches and updates for several lengths S and starts p (the last slots included),
+and must agree exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
+from onnx_fuse.pattern import Match, either, match, op, var
+from onnx_fuse.rewrite import Reject, Rewrite, Rule
+from onnx_fuse.specs import KVCacheWriteSpec
+from onnx_fuse.targets.onnx import emit_kv_cache_write  # what a match is checked against
+
+# --- patterns --------------------------------------------------------------------------------
+
+scatter_elements = op.ScatterElements(var("past"), var("indices"), var("update"), name="scatter")
+scatter_nd = op.Transpose(
+    op.ScatterND(op.Transpose(var("past"), name="past_t"), var("indices"),
+                 op.Transpose(var("update"), name="update_t"), name="scatter"),
+    name="back")
+
+# The indices are matched apart from the write: one Unsqueeze may feed every layer's writes, and a
+# node in a match belongs to that fusion alone.
+elements_indices = op.Expand(op.Unsqueeze(var("positions"), name="unsqueeze"), var("index_shape"))
+nd_indices = op.Unsqueeze(var("positions"), name="unsqueeze")
+
+
+def scatter_elements_output(graph: Graph, scatter: Node) -> Tensor:
+    return scatter.outputs[0]
+
+
+def scatter_nd_output(graph: Graph, scatter: Node) -> Tensor:
+    """The Transpose that lays the scattered [L, B, N, H] cache out as [B, N, L, H] again."""
+    back = [u for u in graph.consumers(scatter.outputs[0]) if u.op == "Transpose"]
+    if len(back) != 1:
+        raise Reject("the ScatterND's result is not transposed back by one Transpose")
+    return back[0].outputs[0]
+
+
+# --- describe: structure, positions, numbers --------------------------------------------------
+
+def describe_write(graph: Graph, m: Match) -> KVCacheWriteSpec:
+    scatter: Node = m["scatter"]
+    past, update = m["past"], m["update"]
+    nd = "back" in m.captures
+    output = (m["back"] if nd else scatter).outputs[0]
+    shape = graph.shape(past)
+    if shape is None or len(shape) != 4:
+        raise Reject(f"the scattered tensor has rank {None if shape is None else len(shape)}, "
+                     "not a 4-D cache [B, N, S, H]")
+    if scatter.attrs.get("reduction", "none") != "none":
+        raise Reject(f"the scatter reduces ({scatter.attrs['reduction']}) instead of writing")
+    axis, update_perm = _nd_layout(m) if nd else (scatter.attrs.get("axis", 0) % 4, None)
+    if axis != 2:
+        raise Reject(f"writes along axis {axis} of the cache; TensorScatter (TensorRT's KV-cache "
+                     "update) writes along axis -2 of [B, N, S, H]")
+    positions = _positions(graph, m["indices"], nd)
+    contiguity = _contiguity(graph, positions)
+
+    update_shape = graph.shape(update)
+    if update_shape is None or len(update_shape) != 4:
+        raise Reject("the update is not 4-D [B, N, S, H]")
+    if update_perm is not None:
+        update_shape = tuple(update_shape[i] for i in update_perm)
+    for what, axis_ in (("batch", 0), ("K/V heads", 1), ("head size", 3)):
+        a, b = shape[axis_], update_shape[axis_]
+        if isinstance(a, int) and isinstance(b, int) and a != b:
+            raise Reject(f"the cache and the update differ in {what} ({a} vs {b})")
+    dtype = onnx_dtype(past)
+    if dtype is None or dtype != onnx_dtype(update):
+        raise Reject("the cache and the update do not share one known type")
+
+    spec = KVCacheWriteSpec(
+        past=past, update=update, update_perm=update_perm, output=output, positions=positions, contiguity=contiguity,
+        form="scatter_nd" if nd else "scatter_elements", cache_len=shape[2], kv_heads=shape[1],
+        head_size=shape[3], dtype=dtype,
+    )
+    _verify(graph, spec)
+    return spec
+
+
+def _nd_layout(m: Match) -> tuple[int, tuple[int, ...] | None]:
+    """For a ScatterND over Transpose(past, perm), transposed back by the inverse: the cache axis
+    it writes along (perm[0]), and the permutation that lays the update out like the cache. The
+    update's Transpose(u, q) must equal Transpose(update, perm) for update = Transpose(u, r),
+    r = q ∘ perm⁻¹ (the dynamo exporter merges the head transpose of V into q)."""
+    perm = m["past_t"].attrs.get("perm")
+    if perm is None or sorted(perm) != [0, 1, 2, 3]:
+        raise Reject(f"the cache is transposed by {perm}, not a permutation of 4 axes")
+    inverse = [int(i) for i in np.argsort(perm)]
+    if list(m["back"].attrs.get("perm") or []) != inverse:
+        raise Reject(f"the result is transposed by {m['back'].attrs.get('perm')}, not back by {inverse}")
+    q = m["update_t"].attrs.get("perm")
+    if q is None or sorted(q) != [0, 1, 2, 3]:
+        raise Reject(f"the update is transposed by {q}, not a permutation of 4 axes")
+    r = tuple(int(q[i]) for i in inverse)
+    return int(perm[0]), None if r == (0, 1, 2, 3) else r
+
+
+def _positions(graph: Graph, indices: Tensor, nd: bool) -> Tensor:
+    """The 1-D tensor of slots, from which the indices put positions[s] at every element of
+    token s: ScatterND's [S, 1] = Unsqueeze(positions, [1]); ScatterElements' [B, N, S, H] =
+    Expand(Unsqueeze(positions, [0, 1, 3]))."""
+    found, why = match(nd_indices if nd else elements_indices, graph, indices)
+    if found is None:
+        form = "Unsqueeze(positions, [1])" if nd else "Expand(Unsqueeze(positions, [0, 1, 3]))"
+        raise Reject(f"the write indices are not {form}: {why}")
+    positions, unsqueeze = found["positions"], found["unsqueeze"]
+    if graph.rank(positions) != 1:
+        raise Reject(f"the positions '{positions.name}' have rank {graph.rank(positions)}, not 1")
+    if not _is_integer(positions):
+        raise Reject(f"the positions '{positions.name}' are not integers")
+    axes = graph.value(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else unsqueeze.attrs.get("axes")
+    rank = 2 if nd else 4
+    wanted = [1] if nd else [0, 1, 3]
+    if axes is None or sorted(int(a) % rank for a in np.ravel(axes)) != wanted:
+        raise Reject(f"the positions are unsqueezed at axes {None if axes is None else list(np.ravel(axes))}, "
+                     f"not {wanted}: they do not run along the written axis")
+    return positions
+
+
+def _contiguity(graph: Graph, positions: Tensor) -> str:
+    """Why positions = arange(positions[0], positions[0] + S): "range", "constant", or "assumed"
+    for a graph input (the caller's contract, as for Hugging Face's cache_position)."""
+    tensor = positions
+    while (node := graph.producer(tensor)) is not None and node.op in ("Cast", "Identity") \
+            and _is_integer(node.inputs[0]):
+        tensor = node.inputs[0]
+    value = graph.value(tensor)
+    if value is not None:
+        flat = np.asarray(value).reshape(-1).astype(np.int64)
+        if flat.size and not np.all(np.diff(flat) == 1):
+            raise Reject(f"the write positions {flat[:8].tolist()} are not contiguous")
+        return "constant"
+    node = graph.producer(tensor)
+    if node is None:
+        return "assumed"
+    if node.op == "Range":
+        delta = graph.value(node.inputs[2])
+        if delta is None or delta.size != 1 or int(np.ravel(delta)[0]) != 1:
+            raise Reject("the write positions are a Range whose step is not 1")
+        return "range"
+    raise Reject(f"the write positions are computed by {node.op}: not provably contiguous")
+
+
+def _is_integer(tensor: Tensor) -> bool:
+    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+
+
+# --- numerical verification ------------------------------------------------------------------
+
+_BATCH, _HEADS, _HEAD_SIZE, _CACHE_LEN = 2, 3, 4, 8  # sizes for dims the graph leaves symbolic
+
+
+def _verify(graph: Graph, spec: KVCacheWriteSpec) -> None:
+    """Run the matched write and the TensorScatter that replaces it on the same random cache and
+    update, with positions arange(p, p + S) for S in 1 and 3 and p at the first, middle and last
+    possible slot; once per distinct subgraph and cache shape."""
+    roles = {id(spec.past): "past", id(spec.update): "update", id(spec.positions): "positions"}
+    sub = _Subgraph(graph, spec.output, roles)
+    static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.past))
+    key = (sub.signature, static, spec.update_perm, spec.dtype, onnx_dtype(spec.positions))
+    _once(graph, key, lambda: _compare(graph, sub, spec))
+
+
+def _compare(graph: Graph, sub: "_Subgraph", spec: KVCacheWriteSpec) -> None:
+    from onnx_fuse.check import ModelRef, run_model
+
+    original = ModelRef(sub.model([spec.past, spec.update, spec.positions], spec.output), graph.base_dir)
+    fused = ModelRef(_fused_model(graph, spec))
+    shape = graph.shape(spec.past)
+    batch, heads, length, head = (d if isinstance(d, int) else default
+                                  for d, default in zip(shape, (_BATCH, _HEADS, _CACHE_LEN, _HEAD_SIZE)))
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
+    rng = np.random.default_rng(0)
+    constant = graph.value(spec.positions)
+    if constant is not None:  # the graph's own positions only
+        cases = [(constant.size, int(np.ravel(constant)[0]))] if constant.size else []
+    else:
+        cases = [(seq, start) for seq in sorted({1, min(3, length)})
+                 for start in sorted({0, (length - seq) // 2, length - seq})]
+    for seq, start in cases:
+        update = [batch, heads, seq, head]  # as TensorScatter takes it; the graph's update:
+        if spec.update_perm is not None:  # update[perm[j]] is dim j of the transposed one
+            update = [update[int(j)] for j in np.argsort(spec.update_perm)]
+        feeds = {
+            spec.past.name: rng.standard_normal((batch, heads, length, head)).astype(np_type),
+            spec.update.name: rng.standard_normal(update).astype(np_type),
+            spec.positions.name: np.arange(start, start + seq).astype(_np_dtype(spec.positions)),
+        }
+        try:
+            got = run_model(original, feeds)[spec.output.name]
+        except Exception as error:  # onnxruntime's exception types are not importable portably
+            raise Reject(f"the matched write does not run on its own: {_first_line(error)}")
+        try:
+            want = run_model(fused, feeds)[spec.output.name]
+        except Exception as error:
+            raise Reject(f"TensorScatter does not run in onnxruntime: {_first_line(error)}")
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise Reject(f"TensorScatter differs from the matched write (S {seq}, first slot {start})")
+
+
+def _fused_model(graph: Graph, spec: KVCacheWriteSpec) -> onnx.ModelProto:
+    """The cache, update and positions in, what the onnx target emits for `spec` out."""
+    tensors = (spec.past, spec.update, spec.positions, spec.output)
+    io = [onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t), [None] * len(graph.shape(t)))
+          for t in tensors]
+    io[-1] = onnx.helper.make_tensor_value_info(spec.output.name, spec.dtype, None)
+    check = Graph(onnx.helper.make_model(onnx.helper.make_graph([], "kv_cache_check", io[:3], io[3:]),
+                                         opset_imports=[onnx.helper.make_opsetid("", spec.min_opset)]))
+    by_name = check.gs.tensors()
+    rewrite = Rewrite(check, "kv_cache")
+    emit_kv_cache_write(replace(spec, **{field: by_name[t.name] for field, t in
+                                         zip(("past", "update", "positions", "output"), tensors)}),
+                        rewrite)
+    rewrite.apply()
+    model = gs.export_onnx(check.gs, do_type_check=False)
+    model.ir_version = 10
+    return model
+
+
+class _Subgraph:
+    """The nodes that compute `output` from the tensors in `roles` and constants, in graph order;
+    `signature` is equal for subgraphs that compute the same function."""
+
+    LIMIT = 200
+
+    def __init__(self, graph: Graph, output: Tensor, roles: dict[int, str]):
+        self.graph, self.roles = graph, roles
+        self.nodes: list[Node] = []
+        self._placed: set[int] = set()
+        self._signatures: dict[int, tuple] = {}
+        self.signature = self._visit(output)
+
+    def _visit(self, tensor: Tensor) -> tuple:
+        key = id(tensor)
+        if key in self._signatures:
+            return self._signatures[key]
+        node = self.graph.producer(tensor)
+        if key in self.roles:
+            signature = ("role", self.roles[key])
+        elif not tensor.name:
+            signature = ("none",)
+        elif isinstance(tensor, gs.Constant) or node is not None and node.op == "Constant":
+            value = self.graph.value(tensor)
+            signature = (("const", str(value.dtype), value.shape, hashlib.sha1(value.tobytes()).hexdigest())
+                         if value is not None else ("initializer", tensor.name))
+            if node is not None:
+                self._place(node)
+        elif node is None:
+            raise Reject(f"the write reads '{tensor.name}', not only the cache, the update and the positions")
+        else:
+            if len(self.nodes) >= self.LIMIT or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+                raise Reject("the write subgraph is too large or has control flow")
+            inputs = tuple(self._visit(t) for t in node.inputs)
+            signature = (node.op, node.domain or "", node.outputs.index(tensor),
+                         tuple(sorted((k, repr(v)) for k, v in node.attrs.items())), inputs)
+            self._place(node)
+        self._signatures[key] = signature
+        return signature
+
+    def _place(self, node: Node) -> None:
+        if id(node) not in self._placed:  # after its inputs' producers: a topological order
+            self._placed.add(id(node))
+            self.nodes.append(node)
+
+    def model(self, inputs: list[Tensor], output: Tensor) -> onnx.ModelProto:
+        sub = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=[output],
+                       opset=self.graph.opsets.get("", 23))
+        model = gs.export_onnx(sub, do_type_check=False)
+        del model.graph.value_info[:]
+        for value, tensor in zip(model.graph.input, inputs):
+            value.CopyFrom(onnx.helper.make_tensor_value_info(
+                tensor.name, onnx_dtype(tensor), [None] * len(self.graph.shape(tensor))))
+        model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(output.name, onnx_dtype(output), None))
+        del model.opset_import[:]
+        model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in self.graph.opsets.items())
+        model.ir_version = 10
+        return model
+
+
+def _np_dtype(tensor: Tensor):
+    return onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype(tensor))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+# Per graph: verified subgraphs by signature (every layer's K and V write is the same function).
+_CACHES: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def _once(graph: Graph, key, compute):
+    """compute() once per graph and key; a Reject is remembered and raised again."""
+    cache = _CACHES.setdefault(graph, {})
+    if key not in cache:
+        try:
+            cache[key] = compute()
+        except Reject as reject:
+            cache[key] = reject
+    if isinstance(cache[key], Reject):
+        raise cache[key]
+    return cache[key]
+
+
+RULES = [
+    Rule(name="kv_cache", anchor="ScatterElements", pattern=scatter_elements,
+         root=scatter_elements_output, describe=describe_write),
+    Rule(name="kv_cache", anchor="ScatterND", pattern=scatter_nd,
+         root=scatter_nd_output, describe=describe_write),
+]
