@@ -934,10 +934,15 @@ class _Evaluation:
 
 
 def _dim_key(graph: Graph, spec):
-    if spec is None or isinstance(spec, (int, str)):
-        return spec
-    shape = graph.shape(spec)
-    return None if not shape else shape[-2]
+    """The length a query/key spec stands for, as far as classification can check it: a dim
+    no graph input's symbols express (shape inference's own unknowns) checks nothing, so all
+    such dims share one cache entry."""
+    if spec is not None and not isinstance(spec, (int, str)):
+        shape = graph.shape(spec)
+        spec = None if not shape else shape[-2]
+    if isinstance(spec, str) and not _resolvable([spec], _input_symbols(graph)):
+        return None
+    return spec
 
 
 def _visible(values: np.ndarray, drop: bool) -> np.ndarray | str:
