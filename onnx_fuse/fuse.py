@@ -37,15 +37,24 @@ class FuseResult:
 
 
 def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = None,
-         *, apply: bool = True, max_positions: int | None = None) -> FuseResult:
+         *, apply: bool = True, max_positions: int | None = None, kv_cache: str | None = None,
+         max_cache_len: int | None = None) -> FuseResult:
     """Fuse `model` (a path or an onnx.ModelProto) for `target`.
 
     With `check` (the default) the result is run against the input in onnxruntime and a
     disagreement raises CheckFailed, so a wrong model is never returned. `apply=False` only
     reports what would fuse. `max_positions` bounds the positions RoPE caches cover where the
     graph does not (cos/sin computed from the positions). Raises BadInput for models that cannot
-    be used.
+    be used. `kv_cache="static"` also converts caches that grow by Concat to fixed caches of
+    `max_cache_len` slots written by TensorScatter (kv_static.py; its check drives decode steps).
     """
+    if kv_cache is not None:
+        if kv_cache != "static" or not apply or inputs is not None:
+            raise BadInput("--kv-cache takes 'static', and no --inputs" if kv_cache == "static"
+                           else f"unknown --kv-cache mode '{kv_cache}' (known: static)")
+        from .kv_static import fuse_static
+
+        return fuse_static(model, target, check, max_cache_len, max_positions)
     # The graph is hundreds of thousands of small objects that live until the pass ends: the
     # cyclic garbage collector would rescan them over and over (time growing faster than the
     # graph), so it is paused for the pass and whatever became garbage is collected after.

@@ -1,0 +1,559 @@
+"""Growing KV caches → fixed-size caches (`fuse --kv-cache static --max-cache-len N`).
+
+A decode model whose caches grow (`present = Concat(past, new)` along the sequence axis) is
+rewritten to the interface TensorRT's IKVCacheUpdateLayer needs:
+
+- per layer, K and V cache inputs [B, N_kv, N, H] of static length N, and the updated caches as
+  outputs [B, N_kv, N, H], each paired with its input (metadata_props "onnx_fuse.kv_cache.pairs"
+  and the report);
+- `write_position` INT64 [B]: the slot where row b's first new token goes (its valid length);
+- `attention_mask` [B, N] over the cache slots: 1 where a slot holds a valid token of the row,
+  the tokens written by this step included (Hugging Face's convention, over slots);
+- the writes are TensorScatter(past, new, write_position) (axis -2, linear); every Attention reads
+  the whole fixed cache with a boolean mask [B, 1, S, N]: slot j is visible from new token t iff
+  attention_mask[b, j] = 1 and j <= write_position[b] + t (lower-right causal within the new
+  tokens), and j > write_position[b] + t - W for a layer with a sliding window W. TensorRT's parser
+  rejects Attention's past_key/past_value/nonpad_kv_seqlen, so validity is all in the mask;
+- positions (RoPE position_ids, learned position embeddings) are write_position[b] + t.
+
+How: the model is fused as usual first (attention cores into Attention, RoPE into
+RotaryEmbedding with max_positions N) and checked against the original. Each Attention's mask is
+then evaluated in onnxruntime at two sizes (the key length reaching N - 1) and must be exactly
+causal (+ sliding window W) and padding, for which a template over the fixed cache is emitted.
+Every integer tensor that evaluates to past_length + arange(S) is a position: the ones that feed
+RotaryEmbedding or a Gather from a constant table (position embeddings) are re-pointed to
+write_position + arange(S); any other use left alive is an error.
+
+Proof (`check_static`): the original and the converted model are driven through 8 single-token
+decode steps after a non-empty past, at batch 2 with rows of different valid lengths, in two
+scenarios: "ragged" (row b holds L_b tokens in slots 0..L_b-1, written at write_position L_b + k;
+the original runs each row on its own, batch 1, with its own growing past) and "left-padded" (the
+original's own batch-2 run with a left-padded row; the converted cache mirrors its layout). Logits
+are compared at every step, and so is the valid part of every cache; the slots past the valid
+part must come back untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+
+from .errors import BadInput, CheckFailed
+
+STEPS = 8  # single-token decode steps the check drives
+WRITE_POSITION = "write_position"
+_HIDDEN_AT_OR_BELOW = -1e4  # an additive mask value that hides a key
+
+
+@dataclass
+class Layout:
+    """What the conversion found in the original model's interface."""
+
+    pairs: list[tuple[str, str]]  # (past input, present output) per cache
+    ids: str  # token ids input [B, S]
+    mask: str  # attention mask input [B, past + S]
+    vocab: int  # rows of the table the ids index
+    batch_dim: int | str
+    cache_dims: dict[str, tuple]  # past input -> (kv_heads, head_size)
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)  # input name -> numpy dtype
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+def find_layout(model: onnx.ModelProto) -> Layout:
+    """The caches that grow by Concat and the other inputs; BadInput (one line) when the model has
+    no recognisable cache, a layout TensorScatter cannot express, or inputs this does not handle."""
+    from .check import _input_specs
+
+    graph = model.graph
+    initialized = {t.name for t in graph.initializer}
+    inputs = {v.name: v for v in graph.input if v.name not in initialized}
+    producer = {o: n for n in graph.node for o in n.output}
+    pairs, cache_dims = [], {}
+    for output in graph.output:
+        node = producer.get(output.name)
+        if node is None or node.op_type != "Concat" or len(node.input) != 2 or node.input[0] not in inputs:
+            continue
+        past = inputs[node.input[0]]
+        dims = past.type.tensor_type.shape.dim
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        if len(dims) != 4:
+            raise BadInput(f"cache '{past.name}' is {len(dims)}-D: TensorScatter takes 4-D caches "
+                           "[batch, kv_heads, sequence, head_size]")
+        if axis is None or axis % 4 != 2:
+            raise BadInput(f"'{output.name}' grows its cache along axis {axis}: TensorScatter writes "
+                           "along axis -2 of [batch, kv_heads, sequence, head_size]")
+        if not (dims[1].HasField("dim_value") and dims[3].HasField("dim_value")):
+            raise BadInput(f"cache '{past.name}' has no static kv_heads and head_size (axes 1 and 3)")
+        pairs.append((past.name, output.name))
+        cache_dims[past.name] = (dims[1].dim_value, dims[3].dim_value)
+    if not pairs:
+        raise BadInput("no recognisable KV cache: no output is Concat(past input, new keys/values) "
+                       "along the sequence axis")
+    specs = {s.name: s for s in _input_specs(model)}
+    ids = [s for s in specs.values() if s.kind == "ids"]
+    masks = [s for s in specs.values() if s.kind == "mask"]
+    caches = {p for p, _ in pairs}
+    others = [n for n in specs if n not in caches and n not in {s.name for s in ids + masks}]
+    if len(ids) != 1 or len(masks) != 1 or others:
+        what = f"input '{others[0]}'" if others else f"{len(ids)} token-id and {len(masks)} mask inputs"
+        raise BadInput(f"--kv-cache static takes decode models whose inputs are the token ids, the "
+                       f"attention mask and the caches; found {what}")
+    ids_dims = specs[ids[0].name].dims
+    return Layout(pairs=pairs, ids=ids[0].name, mask=masks[0].name, vocab=int(ids[0].table_rows),
+                  batch_dim=ids_dims[0], cache_dims=cache_dims,
+                  dtypes={s.name: s.dtype for s in specs.values()})
+
+
+def minimum_cache_len(layout: Layout, check: bool) -> tuple[int, str]:
+    """The smallest N this model can be converted (and, checking, verified) at."""
+    if check:
+        return STEPS + 2, f"a past of 2 tokens and the {STEPS} decode steps the check drives"
+    return 2, "a non-empty past and one new token"
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
+                max_positions: int | None):
+    """Fuse `model` and convert its growing caches to fixed caches of `max_cache_len` slots."""
+    from .fuse import FuseResult, _source, fuse
+    from .opset import OpsetError, raise_opset
+    from . import trt_contract
+
+    if target != "onnx":
+        raise BadInput("--kv-cache static emits TensorScatter and Attention: it needs --target onnx")
+    if max_cache_len is None:
+        raise BadInput("--kv-cache static needs --max-cache-len N")
+    source = _source(model)
+    layout = find_layout(source.model)
+    needed, why = minimum_cache_len(layout, check)
+    if max_cache_len < needed:
+        raise BadInput(f"--max-cache-len {max_cache_len} is smaller than the model needs: at least "
+                       f"{needed} slots ({why})")
+    fused = fuse(source, target, check=check, max_positions=max_positions or max_cache_len)
+    try:
+        model24 = raise_opset(fused.model, 24) if _opset(fused.model) < 24 else fused.model
+    except OpsetError as exc:
+        raise BadInput(f"cannot raise the fused model to opset 24 for TensorScatter: {exc}") from None
+    static, section = convert(model24, layout, max_cache_len, source.base_dir)
+
+    report = dict(fused.report)
+    report["counts"] = {**report["counts"], "kv_cache": len(layout.pairs)}
+    report["opset"] = {**report["opset"], "to": 24}
+    report["kv_cache"] = section
+    report["tensorrt"] = trt_contract.report("onnx", static)
+    result = FuseResult(static, report, source.base_dir, True, source.path)
+    if check:
+        from .check import ModelRef
+
+        outcome = check_static(ModelRef(source.model, source.base_dir),
+                               ModelRef(static, source.base_dir), layout, max_cache_len)
+        outcome["fused"] = fused.report.get("check")  # the single-step proof of the fusions
+        report["check"] = outcome
+        if not outcome["passed"]:
+            raise CheckFailed(f"the static-cache model does not match the input model: "
+                              f"{outcome['message']}", outcome)
+    return result
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None):
+    """The fused model (opset 24) with fixed caches; returns it and the report's section."""
+    windows, positions, tables, position_users = _analyse(model, layout, cache_len, base_dir)
+    g = gs.import_onnx(model)
+    tensors = g.tensors()
+    names = _Names(model)
+    batch = layout.batch_dim
+
+    write = gs.Variable(names.fresh(WRITE_POSITION), np.int64, [batch])
+    g.inputs.append(write)
+    mask = tensors[layout.mask]
+    mask.shape = [batch, cache_len]
+    for past, present in layout.pairs:
+        heads, head = layout.cache_dims[past]
+        tensors[past].shape = [batch, heads, cache_len, head]
+        tensors[present].shape = [batch, heads, cache_len, head]
+
+    def node(op, inputs, attrs=None, dtype=None, shape=None):
+        out = gs.Variable(names.fresh(f"kv_static/{op}_out"), dtype, shape)
+        g.nodes.append(gs.Node(op, names.fresh(f"kv_static/{op}"), attrs or {}, inputs, [out]))
+        return out
+
+    def const(prefix, value):
+        return gs.Constant(names.fresh(f"kv_static/{prefix}"), np.asarray(value))
+
+    # positions [B, S] = write_position[b] + t
+    seq = node("Shape", [tensors[layout.ids]], {"start": 1, "end": 2}, np.int64, [1])
+    seq = node("Squeeze", [seq, const("axis0", np.array([0], np.int64))], dtype=np.int64, shape=[])
+    steps = node("Range", [const("zero", np.array(0, np.int64)), seq, const("one", np.array(1, np.int64))],
+                 dtype=np.int64, shape=["S"])
+    query = node("Add", [node("Unsqueeze", [write, const("axis1", np.array([1], np.int64))], dtype=np.int64),
+                         node("Unsqueeze", [steps, const("axis0", np.array([0], np.int64))], dtype=np.int64)],
+                 dtype=np.int64, shape=[batch, None])
+    # visibility [B, S, N]: a valid slot, at or before the query's own slot (and inside its window)
+    slots = const("slots", np.arange(cache_len, dtype=np.int64).reshape(1, 1, cache_len))
+    query_col = node("Unsqueeze", [query, const("axis2", np.array([2], np.int64))], dtype=np.int64)
+    causal = node("LessOrEqual", [slots, query_col], dtype=np.bool_)
+    valid = node("Unsqueeze", [node("Cast", [mask], {"to": TensorProto.BOOL}, np.bool_),
+                               const("axis1", np.array([1], np.int64))], dtype=np.bool_)
+    visible = node("And", [causal, valid], dtype=np.bool_)
+    masks: dict = {}
+
+    def mask_for(window):
+        if window not in masks:
+            shown = visible
+            if window is not None:
+                start = node("Sub", [query_col, const("window", np.array(window, np.int64))], dtype=np.int64)
+                shown = node("And", [shown, node("Greater", [slots, start], dtype=np.bool_)], dtype=np.bool_)
+            masks[window] = node("Unsqueeze", [shown, const("axis1", np.array([1], np.int64))],
+                                 dtype=np.bool_, shape=[batch, 1, None, cache_len])
+        return masks[window]
+
+    layers = []
+    for attention in (n for n in g.nodes if n.op == "Attention"):
+        window = windows[attention.name]
+        attention.inputs[3] = mask_for(window)
+        layers.append({"attention": attention.name, "window": window})
+    producers = {id(t): n for n in g.nodes for t in n.outputs}
+    for past, present in layout.pairs:
+        concat = producers[id(tensors[present])]
+        concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
+        concat.inputs.append(write)  # (past, new, write_position)
+    repointed = []
+    for node_name, index in positions:
+        user = next(n for n in g.nodes if n.name == node_name)
+        wanted = user.inputs[index].dtype
+        ids = query
+        if wanted is not None and np.dtype(wanted) != np.int64:
+            ids = node("Cast", [query], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(wanted))},
+                       dtype=wanted)
+        user.inputs[index] = ids
+        repointed.append(f"{user.op} '{user.name}'")
+
+    from .rewrite import tidy
+
+    tidy(g)
+    _require_gone(g, layout, tensors, position_users)
+    out = gs.export_onnx(g, do_type_check=False)
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, name, getattr(model, name))
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    del out.functions[:]
+    out.functions.extend(model.functions)
+    pairs = {present: past for past, present in layout.pairs}
+    meta = {"onnx_fuse.kv_cache.pairs": json.dumps(pairs), "onnx_fuse.kv_cache.max_cache_len": str(cache_len),
+            "onnx_fuse.kv_cache.write_position": write.name, "onnx_fuse.kv_cache.attention_mask": layout.mask}
+    kept = [p for p in model.metadata_props if p.key not in meta]
+    del out.metadata_props[:]
+    out.metadata_props.extend(kept)
+    for key, value in meta.items():
+        entry = out.metadata_props.add()
+        entry.key, entry.value = key, value
+    for value in out.graph.value_info:  # stale lengths (past + S) from before the conversion
+        if value.name in pairs or value.name in pairs.values():
+            value.type.tensor_type.shape.dim[2].Clear()
+            value.type.tensor_type.shape.dim[2].dim_value = cache_len
+    section = {
+        "mode": "static", "max_cache_len": cache_len, "pairs": pairs, "write_position": write.name,
+        "attention_mask": f"{layout.mask} [batch, {cache_len}]: 1 = the slot holds a valid token "
+                          "(this step's included)",
+        "layers": layers, "positions": repointed, "position_tables": tables,
+    }
+    return out, section
+
+
+class _Names:
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.used = {t.name for t in g.initializer} | {v.name for v in [*g.input, *g.output, *g.value_info]}
+        for n in g.node:
+            self.used.update([n.name, *n.input, *n.output])
+
+    def fresh(self, prefix: str) -> str:
+        name, i = prefix, 0
+        while name in self.used:
+            i += 1
+            name = f"{prefix}_{i}"
+        self.used.add(name)
+        return name
+
+
+def _require_gone(g: gs.Graph, layout: Layout, tensors: dict, position_users: set[str]) -> None:
+    """After the rewrite nothing may still read the old meaning of the mask (over past + S
+    positions) or of the positions (past length + arange(S))."""
+    other = next((n for n in tensors[layout.mask].outputs
+                  if not n.name.startswith("kv_static/") and not _reads_batch_only(n)), None)
+    if other is not None:
+        raise BadInput(f"the attention mask is also read by {other.op} '{other.name}', which "
+                       "--kv-cache static cannot give the mask over cache slots")
+    other = next((n for n in g.nodes if n.name in position_users), None)
+    if other is not None:
+        raise BadInput(f"the positions feed {other.op} '{other.name}', which --kv-cache static "
+                       "cannot re-point to the write positions")
+
+
+def _reads_batch_only(node: gs.Node) -> bool:
+    """Shape(mask)[0:1]: the batch size, which the mask over slots still has."""
+    if node.op != "Shape":
+        return False
+    start, end = node.attrs.get("start", 0), node.attrs.get("end")
+    return start in (0, -2) and end in (1, -1)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _analyse(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None):
+    """Per Attention node its window (None: causal only), and the (node, input index) of every
+    position use to re-point; the positions' tables as {name: rows}. Evaluates the fused model
+    at two sizes whose key length reaches cache_len - 1."""
+    from .check import ModelRef, run_model
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    constants = {t.name: list(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            constants[n.output[0]] = None
+    attentions = [n for n in model.graph.node if n.op_type == "Attention"]
+    leftover = [n for n in model.graph.node if n.op_type == "Softmax"]
+    if not attentions or leftover:
+        where = f" (Softmax '{leftover[0].name}' remains)" if leftover else ""
+        raise BadInput("not every attention core was fused into Attention" + where +
+                       ": --kv-cache static re-masks fused attention only")
+    for a in attentions:
+        if len(a.input) < 4 or not a.input[3]:
+            raise BadInput(f"Attention '{a.name}' has no mask to re-express over the fixed cache")
+    integers = {TensorProto.INT64, TensorProto.INT32}
+    candidates = [name for n in model.graph.node for name in n.output
+                  if types.get(name) in integers and name not in constants]
+    watched = list(dict.fromkeys([a.input[3] for a in attentions] + candidates))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in watched:
+        if name not in existing:
+            probe.graph.output.add().name = name
+    ref = ModelRef(probe, base_dir)
+
+    sizes = [(1, cache_len - 1), (3, max(1, cache_len - 4))]
+    runs = []
+    rng = np.random.default_rng(1)
+    for seq, past in sizes:
+        feeds, am = _probe_inputs(layout, 2, seq, past, rng)
+        try:
+            runs.append((seq, past, am, run_model(ref, feeds)))
+        except Exception as exc:  # onnxruntime raises many unrelated exception types
+            raise BadInput(f"the fused model does not run with a past of {past} tokens: "
+                           f"{' '.join(str(exc).split())[:200]}") from None
+
+    windows = {}
+    for a in attentions:
+        window = _window(a, runs)
+        windows[a.name] = window
+
+    # positions: integer tensors equal to past + arange(S) at both sizes
+    valued = {name for name in candidates
+              if all(_is_positions(out.get(name), seq, past) for seq, past, _, out in runs)}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, i))
+    repoint, tables, unhandled = [], {}, []
+    for name in valued:
+        for user, index in consumers.get(name, []):
+            if user.op_type == "RotaryEmbedding" and index == 3:
+                repoint.append((user.name, index))
+            elif user.op_type == "Gather" and index == 1 and user.input[0] in constants:
+                repoint.append((user.name, index))
+                rows = constants[user.input[0]]
+                if rows is not None:
+                    tables[user.input[0]] = rows[0]
+            elif not all(o in valued for o in user.output) and user.op_type not in ("Shape", "Size"):
+                unhandled.append(user)
+    for table, rows in tables.items():
+        if cache_len > rows:
+            raise BadInput(f"--max-cache-len {cache_len} exceeds the {rows} positions of the model's "
+                           f"position table '{table}'")
+    return windows, sorted(set(repoint)), tables, {u.name for u in unhandled}
+
+
+def _probe_inputs(layout: Layout, batch: int, seq: int, past: int, rng):
+    """Inputs of the original interface: a left-padded second row (2 slots) when the past allows."""
+    feeds = {layout.ids: rng.integers(0, layout.vocab, (batch, seq)).astype(layout.dtypes[layout.ids])}
+    am = np.ones((batch, past + seq), dtype=np.int64)
+    am[1, :min(2, past - 1) if past > 1 else 0] = 0
+    feeds[layout.mask] = am.astype(layout.dtypes[layout.mask])
+    for name, _ in layout.pairs:
+        heads, head = layout.cache_dims[name]
+        feeds[name] = rng.standard_normal((batch, heads, past, head)).astype(layout.dtypes[name])
+    return feeds, am
+
+
+def _window(attention: onnx.NodeProto, runs) -> int | None:
+    """The template the Attention's mask follows at every evaluated size: visible iff
+    attention_mask[b, j] and j <= past + t, and j > past + t - W for a window W (None: none)."""
+    fits = None
+    for seq, past, am, out in runs:
+        value = np.asarray(out[attention.input[3]])
+        visible = value if value.dtype == np.bool_ else value > _HIDDEN_AT_OR_BELOW
+        total = past + seq
+        if visible.ndim > 4 or visible.shape[-2:] != (seq, total):
+            raise BadInput(f"the mask of Attention '{attention.name}' has shape {visible.shape}, "
+                           f"not [.., {seq}, {total}]")
+        visible = np.broadcast_to(visible.reshape((1,) * (4 - visible.ndim) + visible.shape),
+                                  (am.shape[0], visible.shape[-3] if visible.ndim == 4 else 1, seq, total))
+        if not np.all(visible == visible[:, :1]):
+            raise BadInput(f"the mask of Attention '{attention.name}' differs between heads")
+        visible = visible[:, 0]
+        t = np.arange(seq)[:, None] + past
+        j = np.arange(total)[None, :]
+        base = (j <= t)[None] & (am[:, None, :] == 1)
+        options = [None] + list(range(1, total + 1))
+        ok = {w for w in options if np.array_equal(visible, base & ((j > t - w)[None] if w else True))}
+        fits = ok if fits is None else fits & ok
+    if not fits:
+        raise BadInput(f"the mask of Attention '{attention.name}' is not causal (+ a sliding window) "
+                       "and padding: it cannot be re-expressed over a fixed cache")
+    # windows at least as long as every key length evaluated hide nothing: causal
+    return None if None in fits else min(fits)
+
+
+def _is_positions(value, seq: int, past: int) -> bool:
+    if value is None:
+        return False
+    value = np.asarray(value)
+    if value.ndim not in (1, 2) or value.shape[-1] != seq or not np.issubdtype(value.dtype, np.integer):
+        return False
+    return bool(np.all(value.reshape(-1, seq) == np.arange(past, past + seq)))
+
+
+# --------------------------------------------------------------------------- the proof
+
+
+def check_static(original, converted, layout: Layout, cache_len: int, *, steps: int = STEPS,
+                 seed: int = 0) -> dict:
+    """Drive the original (growing past) and the converted model (fixed cache) through `steps`
+    single-token decode steps after a non-empty past, batch 2, rows of different valid lengths;
+    compare the logits (every non-cache output) at every step and the valid part of every cache.
+    Returns the report's `check`: {passed, outputs: {name: {max_abs, max_rel, passed}}, message,
+    steps, scenarios}."""
+    from .check import _compare, _session, _run
+
+    ref, cand = _session(original), _session(converted)
+    write = _meta(converted.model, "onnx_fuse.kv_cache.write_position") or WRITE_POSITION
+    longest = min(4, cache_len - steps)
+    if longest < 2:
+        raise BadInput(f"--max-cache-len {cache_len} leaves no room for a past of 2 and {steps} steps")
+    lengths = [longest, max(1, longest - 2)]
+    start = longest  # the left-padded batch's past (row 1 padded by 2)
+    stats: dict[str, list] = {}
+    problems: list[str] = []
+    rng = np.random.default_rng(seed)
+
+    def record(name, actual, expected, where):
+        diff, problem = _compare(actual, expected)
+        entry = stats.setdefault(name, [0.0, 0.0, True])
+        entry[0], entry[1] = max(entry[0], diff.max_abs), max(entry[1], diff.max_rel)
+        entry[2] = entry[2] and diff.passed
+        if problem:
+            problems.append(f"{where}: '{name}' differs: {problem}")
+
+    def caches(batch, length):
+        return {name: rng.standard_normal((batch, *_kv(layout, name, length))).astype(layout.dtypes[name])
+                for name, _ in layout.pairs}
+
+    presents = {present for _, present in layout.pairs}
+    # ragged: each row on its own in the original, both rows in one fixed cache
+    pasts = [caches(1, length) for length in lengths]
+    fixed = caches(2, cache_len)
+    for b, length in enumerate(lengths):
+        for name in fixed:
+            fixed[name][b, :, :length] = pasts[b][name][0]
+    try:
+        for step in range(steps):
+            ids = rng.integers(0, layout.vocab, (2, 1)).astype(layout.dtypes[layout.ids])
+            outs = []
+            for b, length in enumerate(lengths):
+                feeds = {layout.ids: ids[b:b + 1], **pasts[b],
+                         layout.mask: np.ones((1, length + step + 1), layout.dtypes[layout.mask])}
+                outs.append(_run(ref, feeds))
+            am = np.zeros((2, cache_len), layout.dtypes[layout.mask])
+            for b, length in enumerate(lengths):
+                am[b, :length + step + 1] = 1
+            got = _run(cand, {layout.ids: ids, layout.mask: am, **fixed,
+                              write: np.array([n + step for n in lengths], np.int64)})
+            for b, length in enumerate(lengths):
+                where = f"ragged step {step + 1}, row {b}"
+                valid = length + step + 1
+                for name, expected in outs[b].items():
+                    if name in presents:
+                        record(name, got[name][b:b + 1, :, :valid], expected, where)
+                    else:
+                        record(name, got[name][b:b + 1], expected, where)
+                for past, present in layout.pairs:
+                    if not np.array_equal(got[present][b, :, valid:], fixed[past][b, :, valid:]):
+                        problems.append(f"{where}: '{present}' changed slots past the valid {valid}")
+                    pasts[b][past] = outs[b][present]
+            fixed = {past: got[present] for past, present in layout.pairs}
+
+        # left-padded: the original's own batch-2 run, mirrored slot for slot
+        past = caches(2, start)
+        fixed = caches(2, cache_len)
+        for name in fixed:
+            fixed[name][:, :, :start] = past[name]
+        am_orig = np.ones((2, start), layout.dtypes[layout.mask])
+        am_orig[1, :2] = 0
+        for step in range(steps):
+            ids = rng.integers(0, layout.vocab, (2, 1)).astype(layout.dtypes[layout.ids])
+            am_orig = np.concatenate([am_orig, np.ones((2, 1), am_orig.dtype)], axis=1)
+            expected = _run(ref, {layout.ids: ids, layout.mask: am_orig, **past})
+            am = np.zeros((2, cache_len), layout.dtypes[layout.mask])
+            am[:, :am_orig.shape[1]] = am_orig
+            position = start + step
+            got = _run(cand, {layout.ids: ids, layout.mask: am, **fixed,
+                              write: np.array([position, position], np.int64)})
+            where = f"left-padded step {step + 1}"
+            for name, value in expected.items():
+                record(name, got[name][:, :, :position + 1] if name in presents else got[name], value, where)
+            past = {p: expected[q] for p, q in layout.pairs}
+            fixed = {p: got[q] for p, q in layout.pairs}
+    except Exception as exc:  # a model that fails to run fails the check
+        if isinstance(exc, BadInput):
+            raise
+        problems.append(f"a model failed to run: {' '.join(str(exc).split())[:300]}")
+
+    outputs = {name: {"max_abs": float(a), "max_rel": float(r), "passed": bool(p)}
+               for name, (a, r, p) in stats.items()}
+    passed = not problems
+    message = (f"{steps} decode steps agree (batch 2, ragged rows of {lengths[0]} and {lengths[1]} "
+               f"tokens, and a left-padded batch)" if passed
+               else problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return {"passed": passed, "outputs": outputs, "message": message, "steps": steps,
+            "scenarios": {"ragged": {"valid_lengths": lengths, "first_write_positions": lengths},
+                          "left_padded": {"past": start, "padding": [0, 2]}}}
+
+
+def _kv(layout: Layout, name: str, length: int) -> tuple:
+    heads, head = layout.cache_dims[name]
+    return heads, length, head
+
+
+def _meta(model: onnx.ModelProto, key: str) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == key), None)
