@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--report", help="write a JSON report here")
     fuse.add_argument("--max-positions", type=int, metavar="N",
                       help="positions the RoPE caches cover, where the graph does not bound them")
+    fuse.add_argument("--kv-cache", choices=["static"],
+                      help="static: turn caches that grow by Concat into fixed caches of "
+                           "--max-cache-len slots written by TensorScatter (checked over decode steps)")
+    fuse.add_argument("--max-cache-len", type=int, metavar="N", help="cache slots for --kv-cache static")
     fuse.set_defaults(run=_fuse)
 
     inspect = commands.add_parser("inspect", help="say what would fuse and why the rest does not")
@@ -137,8 +141,13 @@ def _fuse(args) -> int:
             raise BadInput(f"{args.report}: the report may not overwrite a model")
         check_output_path(args.report, args.input, data_files)
     inputs = _load_inputs(args.inputs)
+    if (args.kv_cache is None) != (args.max_cache_len is None):
+        raise BadInput("--kv-cache static and --max-cache-len N go together")
+    if args.max_cache_len is not None and args.max_cache_len <= 0:
+        raise BadInput(f"--max-cache-len must be positive, got {args.max_cache_len}")
+    extra = {} if args.kv_cache is None else {"kv_cache": args.kv_cache, "max_cache_len": args.max_cache_len}
     result = fuse(source, target=args.target, check=args.check, inputs=inputs,
-                  max_positions=_positive(args.max_positions))
+                  max_positions=_positive(args.max_positions), **extra)
     result.save(args.output)
     if args.report:
         try:

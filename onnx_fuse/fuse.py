@@ -49,9 +49,11 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = 
     `max_cache_len` slots written by TensorScatter (kv_static.py; its check drives decode steps).
     """
     if kv_cache is not None:
-        if kv_cache != "static" or not apply or inputs is not None:
-            raise BadInput("--kv-cache takes 'static', and no --inputs" if kv_cache == "static"
-                           else f"unknown --kv-cache mode '{kv_cache}' (known: static)")
+        if kv_cache != "static":
+            raise BadInput(f"unknown --kv-cache mode '{kv_cache}' (known: static)")
+        if inputs is not None or not apply:
+            raise BadInput("--kv-cache static rewrites the model and checks it over decode steps "
+                           "with inputs of its own (no --inputs, no inspect)")
         from .kv_static import fuse_static
 
         return fuse_static(model, target, check, max_cache_len, max_positions)

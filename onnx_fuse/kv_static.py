@@ -78,6 +78,8 @@ def find_layout(model: onnx.ModelProto) -> Layout:
     pairs, cache_dims = [], {}
     for output in graph.output:
         node = producer.get(output.name)
+        while node is not None and _passes_through(node, inputs, producer):
+            node = producer.get(node.input[0])  # a Cast to the cache's own type, an Identity
         if node is None or node.op_type != "Concat" or len(node.input) != 2 or node.input[0] not in inputs:
             continue
         past = inputs[node.input[0]]
@@ -109,6 +111,19 @@ def find_layout(model: onnx.ModelProto) -> Layout:
     return Layout(pairs=pairs, ids=ids[0].name, mask=masks[0].name, vocab=int(ids[0].table_rows),
                   batch_dim=ids_dims[0], cache_dims=cache_dims,
                   dtypes={s.name: s.dtype for s in specs.values()})
+
+
+def _passes_through(node: onnx.NodeProto, inputs: dict, producer: dict) -> bool:
+    """Identity, or a Cast to the type its input already has (GPT-J's TorchScript export casts
+    the concatenated cache to float32 again)."""
+    if node.op_type == "Identity":
+        return True
+    if node.op_type != "Cast":
+        return False
+    source = producer.get(node.input[0])
+    past = inputs.get(source.input[0]) if source is not None and source.input else None
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    return past is not None and to == past.type.tensor_type.elem_type
 
 
 def minimum_cache_len(layout: Layout, check: bool) -> tuple[int, str]:
@@ -228,11 +243,26 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
         window = windows[attention.name]
         attention.inputs[3] = mask_for(window)
         layers.append({"attention": attention.name, "window": window})
-    producers = {id(t): n for n in g.nodes for t in n.outputs}
     for past, present in layout.pairs:
-        concat = producers[id(tensors[present])]
+        concat, chain = tensors[present].inputs[0], []
+        while concat.op != "Concat":  # no-op Casts / Identity (find_layout checked them)
+            chain.append(concat)
+            concat = concat.inputs[0].inputs[0]
         concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
+        concat.name = names.fresh("kv_static/TensorScatter")
         concat.inputs.append(write)  # (past, new, write_position)
+        if chain:  # the scatter writes the output itself, as TensorRT's in-place update wants
+            target = tensors[present]
+            between = [concat.outputs[0]] + [hop.outputs[0] for hop in chain[1:]]
+            for hop in chain:
+                hop.inputs.clear()
+                hop.outputs.clear()
+            for tensor in between:
+                for user in list(tensor.outputs):
+                    for i, t in enumerate(user.inputs):
+                        if t is tensor:
+                            user.inputs[i] = target
+            concat.outputs[0] = target
     repointed = []
     for node_name, index in positions:
         user = next(n for n in g.nodes if n.name == node_name)
@@ -264,6 +294,11 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
     for key, value in meta.items():
         entry = out.metadata_props.add()
         entry.key, entry.value = key, value
+    for n in out.graph.node:
+        if n.op_type == "TensorScatter" and n.name.startswith("kv_static/"):
+            n.doc_string = "onnx-fuse rule: kv_cache (--kv-cache static)"
+            entry = n.metadata_props.add()
+            entry.key, entry.value = "onnx_fuse.rule", "kv_cache"
     for value in out.graph.value_info:  # stale lengths (past + S) from before the conversion
         if value.name in pairs or value.name in pairs.values():
             value.type.tensor_type.shape.dim[2].Clear()
@@ -360,8 +395,13 @@ def _analyse(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: s
         try:
             runs.append((seq, past, am, run_model(ref, feeds)))
         except Exception as exc:  # onnxruntime raises many unrelated exception types
-            raise BadInput(f"the fused model does not run with a past of {past} tokens: "
-                           f"{' '.join(str(exc).split())[:200]}") from None
+            error = ' '.join(str(exc).split())[:200]
+            try:  # does it run with a short past? Then the cache is longer than the model allows
+                run_model(ref, _probe_inputs(layout, 2, 1, 2, rng)[0])
+            except Exception:
+                raise BadInput(f"the fused model does not run: {error}") from None
+            raise BadInput(f"--max-cache-len {cache_len} is more than the model supports: it does "
+                           f"not run with {past + seq} positions ({error})") from None
 
     windows = {}
     for a in attentions:

@@ -184,6 +184,13 @@ def classify_mask_spec(graph: Graph, spec, *, query_len=None, key_len=None, mode
                          drop=spec.kind == "drop")
 
 
+def mask_identity(graph: Graph, mask: Tensor) -> str | None:
+    """A key equal for masks that compute the same values from the same graph inputs (each
+    layer of a TorchScript SDPA export recomputes one), None if the mask cannot be extracted."""
+    program = _program(graph, mask, None)
+    return program.fingerprint if program.problem is None else None
+
+
 def mask_dependencies(graph: Graph, mask: Tensor) -> list[Tensor]:
     """The graph inputs the mask depends on, by value or by shape (directly, through Shape of an
     intermediate, or through the symbolic dims of one), in graph input order."""

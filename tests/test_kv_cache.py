@@ -202,3 +202,118 @@ def test_committed_static_cache_models(name):
         assert fused["contiguous"].startswith("assumed")
     assert all(e["problems"] == [] for e in report["tensorrt"] if e["op"] == "TensorScatter")
     onnx.checker.check_model(model, full_check=True)
+
+
+# --------------------------------------------------------------------------- part B: --kv-cache static
+
+from onnx_fuse import cli  # noqa: E402
+from onnx_fuse.check import ModelRef as _Ref  # noqa: E402
+from onnx_fuse.kv_static import check_static, find_layout  # noqa: E402
+
+GROWING = sorted(n for n in MANIFEST if MANIFEST[n]["kind"] == "decode")
+MAX_CACHE_LEN = 24
+
+
+@pytest.mark.parametrize("name", GROWING)
+def test_growing_caches_become_static(name):
+    truth = MANIFEST[name]
+    original = onnx.load(os.path.join(MODELS, name))
+    result = onnx_fuse.fuse(os.path.join(MODELS, name), kv_cache="static", max_cache_len=MAX_CACHE_LEN)
+    report, model = result.report, result.model
+    check = report["check"]
+    assert check["passed"], check["message"]
+    assert check["steps"] >= 8 and check["fused"]["passed"]
+    assert set(check["outputs"]) == set(truth["outputs"])
+    assert report["counts"]["kv_cache"] == truth["kv_cache_writes"]
+    assert report["counts"]["attention"] == truth["attention_cores"]
+    kinds = ops(model)
+    assert kinds.count("TensorScatter") == truth["kv_cache_writes"]
+    assert kinds.count("Attention") == truth["attention_cores"] and "Softmax" not in kinds
+    # the interface: the same inputs plus write_position [B]; caches and the mask over N slots
+    inputs, outputs = interface(model)
+    before_inputs, before_outputs = interface(original)
+    assert [i[0] for i in inputs] == [i[0] for i in before_inputs] + ["write_position"]
+    assert [o[0] for o in outputs] == [o[0] for o in before_outputs]
+    shapes = {n: s for n, _, s in inputs + outputs}
+    assert shapes["write_position"] == [shapes["input_ids"][0]]
+    assert shapes["attention_mask"] == [shapes["input_ids"][0], MAX_CACHE_LEN]
+    pairs = json.loads({p.key: p.value for p in model.metadata_props}["onnx_fuse.kv_cache.pairs"])
+    assert pairs == report["kv_cache"]["pairs"]
+    assert sorted(pairs) == sorted(o for o in truth["outputs"] if o != "logits")
+    for present, past in pairs.items():
+        assert shapes[past] == shapes[present] and shapes[past][2] == MAX_CACHE_LEN
+    scatters = {n.output[0]: n for n in model.graph.node if n.op_type == "TensorScatter"}
+    assert {p: scatters[p].input[0] for p in pairs} == pairs  # each written in place of its input
+    assert {n.input[2] for n in scatters.values()} == {"write_position"}
+    for node in (n for n in model.graph.node if n.op_type == "Attention"):
+        assert len(node.input) == 4  # no past_key / past_value / nonpad_kv_seqlen
+    windows = [layer["window"] for layer in report["kv_cache"]["layers"]]
+    layers = truth.get("sliding_window_layers", [])
+    assert windows == [truth["sliding_window"] if i in layers else None for i in range(truth["layers"])]
+    problems = [e for e in report["tensorrt"] if e["op"] in ("TensorScatter", "RotaryEmbedding")]
+    assert all(e["problems"] == [] for e in problems), problems
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_the_multi_step_check_fails_when_a_write_is_off_by_one():
+    name = "llama-gqa_decode_eager_dynamo.onnx"
+    path = os.path.join(MODELS, name)
+    converted = onnx_fuse.fuse(path, kv_cache="static", max_cache_len=MAX_CACHE_LEN, check=False).model
+    original = onnx.load(path)
+    layout = find_layout(original)
+    assert check_static(_Ref(original, MODELS), _Ref(converted, MODELS), layout, MAX_CACHE_LEN)["passed"]
+    broken = onnx.ModelProto()
+    broken.CopyFrom(converted)
+    broken.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "one_more"))
+    broken.graph.node.insert(0, helper.make_node("Add", ["write_position", "one_more"], ["late"]))
+    for node in broken.graph.node:
+        if node.op_type == "TensorScatter":
+            node.input[2] = "late"
+    outcome = check_static(_Ref(original, MODELS), _Ref(broken, MODELS), layout, MAX_CACHE_LEN)
+    assert not outcome["passed"] and "differs" in outcome["message"], outcome["message"]
+
+
+def growing_on_axis_3():
+    """A cache that grows along its last axis ([B, N, H, T], keys kept transposed)."""
+    g = GraphBuilder()
+    past = g.input("past_key", FLOAT, ["batch", 2, 8, "past"])
+    new = g.input("new_key", FLOAT, ["batch", 2, 8, 1])
+    g.nodes.append(helper.make_node("Concat", [past, new], ["present_key"], name="grow", axis=3))
+    g.outputs = [helper.make_tensor_value_info("present_key", FLOAT, ["batch", 2, 8, "total"])]
+    graph = helper.make_graph(g.nodes, "g", g.inputs, g.outputs, g.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("small", "is smaller than the model needs"),
+    ("large", "is more than the model supports"),
+    ("no_cache", "no recognisable KV cache"),
+    ("axis_3", "grows its cache along axis 3"),
+])
+def test_static_conversion_errors_exit_2_and_write_nothing(case, expected, tmp_path, capsys):
+    source = {"small": "gpt2_decode_eager_dynamo.onnx", "large": "gpt2_decode_eager_dynamo.onnx",
+              "no_cache": "gpt2_prefill_eager_dynamo.onnx"}.get(case)
+    if source is None:
+        source = tmp_path / "axis3.onnx"
+        onnx.save(growing_on_axis_3(), source)
+    else:
+        source = os.path.join(MODELS, source)
+    length = {"small": "5", "large": "500"}.get(case, "32")
+    out = tmp_path / "out.onnx"
+    code = cli.main(["fuse", str(source), "-o", str(out), "--kv-cache", "static",
+                     "--max-cache-len", length, "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and not (tmp_path / "r.json").exists()
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_static_conversion_from_the_command_line(tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = cli.main(["fuse", os.path.join(MODELS, "qwen2-gqa_decode_eager_torchscript.onnx"), "-o",
+                     str(out), "--kv-cache", "static", "--max-cache-len", "16", "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    written = json.load(open(report))
+    assert written["check"]["passed"] and written["kv_cache"]["max_cache_len"] == 16
+    assert written["kv_cache"]["pairs"]["present.1.value"] == "past_key_values.1.value"
+    model = onnx.load(out)
+    assert {p.key for p in model.metadata_props} >= {"onnx_fuse.kv_cache.pairs", "onnx_fuse.kv_cache.max_cache_len"}

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from ..graph import Tensor, _broadcast, onnx_dtype
+from ..masks import mask_identity
 from ..rewrite import Rewrite
 from ..specs import AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
 
@@ -63,8 +64,11 @@ def attention_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     mask: MaskSpec = spec.mask
     shapes = [t.shape for t in (mask.tensor, mask.bias) if t is not None]
     shape = () if any(s is None for s in shapes) else _broadcast([tuple(s) for s in shapes])
-    tensor = rw.shared(("attention_mask", mask.kind, id(mask.tensor), mask.fill, id(mask.bias)),
-                       lambda: _mask_4d(spec, rw))
+    # Layers whose masks compute the same values share one (the first layer's).
+    identity = mask_identity(rw.graph, mask.tensor) if mask.bias is None else None
+    key = ("attention_mask", mask.kind, identity or id(mask.tensor), mask.fill, id(mask.bias),
+           mask.boolean_exact, spec.dtype)
+    tensor = rw.shared(key, lambda: _mask_4d(spec, rw))
     shape = (1,) * (4 - len(shape)) + shape
     q_len, k_len = spec.query.shape[2], spec.value.shape[2]
     if not (_same_dim(shape[2], q_len) and _same_dim(shape[3], k_len)):
