@@ -13,12 +13,9 @@ dimensions that the model does not declare are found by trying candidates on the
 
 from __future__ import annotations
 
-import ast
 import ctypes
-import functools
 import itertools
 import math
-import operator
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -31,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import runtime
+from .dims import dim_symbols, eval_dim
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -289,7 +287,7 @@ def _plan_dims(
     fixed: dict[str, int] = {}
     past = 0
     for spec in specs:
-        dims, simple = spec.dims, [isinstance(d, str) and _symbols(d) == (d,) for d in spec.dims]
+        dims, simple = spec.dims, [isinstance(d, str) and dim_symbols(d) == (d,) for d in spec.dims]
         if len(dims) >= 2 and simple[0]:
             fixed[dims[0]] = batch
         if len(dims) == 4 and _is_float(spec.dtype) and isinstance(dims[1], int):
@@ -300,8 +298,8 @@ def _plan_dims(
 
     def free_symbols(group: Iterable[_Input]) -> list[str]:
         dims = (d for s in group for d in s.dims if isinstance(d, str))
-        symbols = (sym for d in dims for sym in _symbols(d))
-        return [sym for sym in dict.fromkeys(symbols) if sym not in fixed]
+        found = (sym for d in dims for sym in dim_symbols(d))
+        return [sym for sym in dict.fromkeys(found) if sym not in fixed]
 
     # The sequence length comes from token ids if possible, never from a mask alone: a
     # mask's length may include the past.
@@ -357,7 +355,7 @@ def _fill(
     arrays: dict[str, np.ndarray] = {}
     # Positions last: they are derived from the mask.
     for spec in sorted(specs, key=lambda s: s.kind == "position"):
-        shape = tuple(d if isinstance(d, int) else _eval_dim(d, values) for d in spec.dims)
+        shape = tuple(d if isinstance(d, int) else eval_dim(d, values) for d in spec.dims)
         if spec.kind == "ids":
             array = rng.integers(0, spec.table_rows, size=shape)
         elif spec.kind == "mask":
@@ -398,67 +396,6 @@ def _positions(shape: tuple[int, ...], mask: np.ndarray | None, past: int) -> np
 
 # Symbolic dims: a name ("batch", "unk__3", "past_key_values.0.key_dim_2") or a simple
 # arithmetic expression of names as the dynamo exporter writes them ("s0 + s1", "2*s1").
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-_FUNCS = {"max": max, "min": min}
-
-
-@functools.cache
-def _dim_expr(text: str) -> ast.expr | None:
-    """The parsed expression, or None when `text` is an opaque name such as "a.b/c"."""
-    try:
-        tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        return None
-    return tree if _is_arith(tree) else None
-
-
-def _is_arith(node: ast.expr) -> bool:
-    match node:
-        case ast.Name() | ast.Constant(value=int()):
-            return True
-        case ast.BinOp(left=left, op=op, right=right):
-            return type(op) in _OPS and _is_arith(left) and _is_arith(right)
-        case ast.UnaryOp(op=ast.USub(), operand=operand):
-            return _is_arith(operand)
-        case ast.Call(func=ast.Name(id=func), args=args, keywords=[]):
-            return func.lower() in _FUNCS and all(_is_arith(a) for a in args)
-    return False
-
-
-@functools.lru_cache(maxsize=4096)
-def _symbols(text: str) -> tuple[str, ...]:
-    """The free symbols a dim depends on: itself when it is a name, else the names in it."""
-    tree = _dim_expr(text)
-    if tree is None:
-        return (text,)
-    functions = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    return tuple(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in functions)
-
-
-def _eval_dim(text: str, values: dict[str, int]) -> int:
-    if text in values:
-        return values[text]
-    tree = _dim_expr(text)
-    assert tree is not None, "opaque dims are symbols and always have a value"
-    return _eval(tree, values)
-
-
-def _eval(node: ast.expr, values: dict[str, int]) -> int:
-    match node:
-        case ast.Name(id=name):
-            return values[name]
-        case ast.Constant(value=value):
-            return value
-        case ast.BinOp(left=left, op=op, right=right):
-            return _OPS[type(op)](_eval(left, values), _eval(right, values))
-        case ast.UnaryOp(operand=operand):
-            return -_eval(operand, values)
-        case ast.Call(func=ast.Name(id=func), args=args):
-            return _FUNCS[func.lower()](*(_eval(a, values) for a in args))
-    raise AssertionError(f"unsupported dim expression node {ast.dump(node)}")
-
-
 # --------------------------------------------------------------------------- comparing
 
 

@@ -126,7 +126,7 @@ def _passes_through(node: onnx.NodeProto, inputs: dict, producer: dict) -> bool:
     return past is not None and to == past.type.tensor_type.elem_type
 
 
-def minimum_cache_len(layout: Layout, check: bool) -> tuple[int, str]:
+def minimum_cache_len(check: bool) -> tuple[int, str]:
     """The smallest N this model can be converted (and, checking, verified) at."""
     if check:
         return STEPS + 2, f"a past of 2 tokens and the {STEPS} decode steps the check drives"
@@ -139,9 +139,13 @@ def minimum_cache_len(layout: Layout, check: bool) -> tuple[int, str]:
 def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
                 max_positions: int | None):
     """Fuse `model` and convert its growing caches to fixed caches of `max_cache_len` slots."""
+    import time
+
     from .fuse import FuseResult, _source, fuse
     from .opset import OpsetError, raise_opset
     from . import trt_contract
+
+    started = time.perf_counter()
 
     if target != "onnx":
         raise BadInput("--kv-cache static emits TensorScatter and Attention: it needs --target onnx")
@@ -149,7 +153,7 @@ def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
         raise BadInput("--kv-cache static needs --max-cache-len N")
     source = _source(model)
     layout = find_layout(source.model)
-    needed, why = minimum_cache_len(layout, check)
+    needed, why = minimum_cache_len(check)
     if max_cache_len < needed:
         raise BadInput(f"--max-cache-len {max_cache_len} is smaller than the model needs: at least "
                        f"{needed} slots ({why})")
@@ -164,6 +168,10 @@ def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
     report["counts"] = {**report["counts"], "kv_cache": len(layout.pairs)}
     report["opset"] = {**report["opset"], "to": 24}
     report["kv_cache"] = section
+    report["fused"] = list(report["fused"]) + [
+        {"rule": "kv_cache", "anchor": anchor, "form": "concat", "mode": "static", "past": past,
+         "present": present, "cache_len": max_cache_len, "write_index": section["write_position"]}
+        for (past, present), anchor in zip(layout.pairs, section.pop("anchors"))]
     report["tensorrt"] = trt_contract.report("onnx", static)
     result = FuseResult(static, report, source.base_dir, True, source.path)
     if check:
@@ -176,6 +184,7 @@ def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
         if not outcome["passed"]:
             raise CheckFailed(f"the static-cache model does not match the input model: "
                               f"{outcome['message']}", outcome)
+    report["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
 
@@ -243,11 +252,13 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
         window = windows[attention.name]
         attention.inputs[3] = mask_for(window)
         layers.append({"attention": attention.name, "window": window})
+    anchors = []
     for past, present in layout.pairs:
         concat, chain = tensors[present].inputs[0], []
         while concat.op != "Concat":  # no-op Casts / Identity (find_layout checked them)
             chain.append(concat)
             concat = concat.inputs[0].inputs[0]
+        anchors.append(f"Concat '{concat.name}'")
         concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
         concat.name = names.fresh("kv_static/TensorScatter")
         concat.inputs.append(write)  # (past, new, write_position)
@@ -307,7 +318,7 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
         "mode": "static", "max_cache_len": cache_len, "pairs": pairs, "write_position": write.name,
         "attention_mask": f"{layout.mask} [batch, {cache_len}]: 1 = the slot holds a valid token "
                           "(this step's included)",
-        "layers": layers, "positions": repointed, "position_tables": tables,
+        "layers": layers, "positions": repointed, "position_tables": tables, "anchors": anchors,
     }
     return out, section
 
@@ -448,8 +459,9 @@ def _probe_inputs(layout: Layout, batch: int, seq: int, past: int, rng):
 
 def _window(attention: onnx.NodeProto, runs) -> int | None:
     """The template the Attention's mask follows at every evaluated size: visible iff
-    attention_mask[b, j] and j <= past + t, and j > past + t - W for a window W (None: none)."""
-    fits = None
+    attention_mask[b, j] and j <= past + t, and j > past + t - W for a window W (None: none).
+    The first size's keys reach cache_len - 1, so a window shorter than the cache shows."""
+    evaluated = []
     for seq, past, am, out in runs:
         value = np.asarray(out[attention.input[3]])
         visible = value if value.dtype == np.bool_ else value > _HIDDEN_AT_OR_BELOW
@@ -457,22 +469,33 @@ def _window(attention: onnx.NodeProto, runs) -> int | None:
         if visible.ndim > 4 or visible.shape[-2:] != (seq, total):
             raise BadInput(f"the mask of Attention '{attention.name}' has shape {visible.shape}, "
                            f"not [.., {seq}, {total}]")
-        visible = np.broadcast_to(visible.reshape((1,) * (4 - visible.ndim) + visible.shape),
-                                  (am.shape[0], visible.shape[-3] if visible.ndim == 4 else 1, seq, total))
+        visible = visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
+        visible = np.broadcast_to(visible, (am.shape[0], visible.shape[1], seq, total))
         if not np.all(visible == visible[:, :1]):
             raise BadInput(f"the mask of Attention '{attention.name}' differs between heads")
-        visible = visible[:, 0]
-        t = np.arange(seq)[:, None] + past
-        j = np.arange(total)[None, :]
-        base = (j <= t)[None] & (am[:, None, :] == 1)
-        options = [None] + list(range(1, total + 1))
-        ok = {w for w in options if np.array_equal(visible, base & ((j > t - w)[None] if w else True))}
-        fits = ok if fits is None else fits & ok
-    if not fits:
+        evaluated.append((seq, past, am, visible[:, 0]))
+    # candidate windows: how far back the unpadded row 0 sees, per query, at every size
+    options = {None}
+    for seq, past, am, visible in evaluated:
+        options |= {past + i - int(np.argmax(row)) + 1 for i, row in enumerate(visible[0]) if row.any()}
+
+    def fits(window) -> bool:
+        for seq, past, am, visible in evaluated:
+            t = np.arange(seq)[:, None] + past
+            j = np.arange(past + seq)[None, :]
+            shown = (j <= t)[None] & (am[:, None, :] == 1)
+            if window is not None:
+                shown = shown & (j > t - window)[None]
+            if not np.array_equal(visible, shown):
+                return False
+        return True
+
+    found = [w for w in options if fits(w)]
+    if not found:
         raise BadInput(f"the mask of Attention '{attention.name}' is not causal (+ a sliding window) "
                        "and padding: it cannot be re-expressed over a fixed cache")
-    # windows at least as long as every key length evaluated hide nothing: causal
-    return None if None in fits else min(fits)
+    # a window no shorter than every evaluated key length (the cache's) hides nothing: causal
+    return None if None in found else min(found)
 
 
 def _is_positions(value, seq: int, past: int) -> bool:

@@ -60,7 +60,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
-from .check import _eval_dim, _symbols  # dim expressions as exporters write them ("s0 + s1")
+from .dims import dim_symbols, eval_dim
 from .graph import Graph, Tensor, onnx_dtype
 
 # Initializer elements a mask program may carry to compute the shape of an intermediate whose
@@ -334,7 +334,7 @@ def _input_symbols(graph: Graph) -> dict[str, list[str]]:
     for t in graph.gs.inputs:
         for d in _input_dims(t):
             if isinstance(d, str):
-                for s in _symbols(d):
+                for s in dim_symbols(d):
                     found.setdefault(s, []).append(t.name)
     return found
 
@@ -345,7 +345,7 @@ def _resolvable(dims, symbols: dict) -> bool:
     for d in dims:
         if d is None:
             return False
-        if isinstance(d, str) and not all(s in symbols for s in _symbols(d)):
+        if isinstance(d, str) and not all(s in symbols for s in dim_symbols(d)):
             return False
     return True
 
@@ -441,7 +441,7 @@ class _Walk:
             self.shape_feeds[id(node)] = node
             for d in dims:
                 if isinstance(d, str):
-                    for s in _symbols(d):
+                    for s in dim_symbols(d):
                         for name in self.symbols[s]:
                             self.shape_inputs.setdefault(name, _input_named(self.graph, name))
             return
@@ -714,7 +714,7 @@ def _inferred_dims(inference: _ShapeInference, values: dict[str, int]) -> list[i
         dims = dict(inference.inputs).get(vi.name)
         if dims is None:
             continue
-        concrete = [d if isinstance(d, int) else _eval_dim(d, values) for d in dims]
+        concrete = [d if isinstance(d, int) else eval_dim(d, values) for d in dims]
         vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, concrete))
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
@@ -740,7 +740,7 @@ class _Roles:
 
 
 def _simple(d) -> bool:
-    return isinstance(d, str) and _symbols(d) == (d,)
+    return isinstance(d, str) and dim_symbols(d) == (d,)
 
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -811,7 +811,7 @@ def _roles(graph: Graph, program: _Program) -> _Roles:
     for t in inputs:
         for d in _input_dims(t):
             if isinstance(d, str):
-                for s in _symbols(d):
+                for s in dim_symbols(d):
                     if s not in known and s not in [f for f, _ in roles.free]:
                         roles.free.append((s, d in widths or
                                            padding is not None and d in _input_dims(padding)))
@@ -893,7 +893,7 @@ def _feeds(graph: Graph, program: _Program, roles: _Roles, values: dict[str, int
     long probe looks for a window, which left padding could hide)."""
     feeds, padding = {}, None
     for t in program.inputs:
-        shape = [d if isinstance(d, int) else _eval_dim(d, values) for d in _input_dims(t)]
+        shape = [d if isinstance(d, int) else eval_dim(d, values) for d in _input_dims(t)]
         dtype = _np_dtype(onnx_dtype(t))
         if roles.padding is not None and t is roles.padding:
             padding = _padding_rows(shape[0], shape[1], holes=True) if pad else \
@@ -903,7 +903,7 @@ def _feeds(graph: Graph, program: _Program, roles: _Roles, values: dict[str, int
             feeds[t.name] = np.zeros(shape, dtype=dtype)
     for f in program.shape_feeds:
         dims = _inferred_dims(f.infer, values) if f.infer is not None else \
-            [d if isinstance(d, int) else _eval_dim(d, values) for d in f.dims]
+            [d if isinstance(d, int) else eval_dim(d, values) for d in f.dims]
         if f.size:
             feeds[f.name] = np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
         else:
@@ -1058,7 +1058,7 @@ def _expected_dim(graph: Graph, spec, values: dict[str, int]) -> int | None:
     if not isinstance(dim, str):
         return None
     try:
-        return _eval_dim(dim, values)
+        return eval_dim(dim, values)
     except Exception:  # a symbol the driver gave no size (e.g. unk__3): not checkable
         return None
 
