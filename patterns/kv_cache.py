@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
-from onnx_fuse.pattern import Match, either, match, op, var
+from onnx_fuse.pattern import Match, match, op, var
 from onnx_fuse.rewrite import Reject, Rewrite, Rule
 from onnx_fuse.specs import KVCacheWriteSpec
 from onnx_fuse.targets.onnx import emit_kv_cache_write  # what a match is checked against

@@ -346,3 +346,47 @@ def test_load_inputs_npz_rejects_bad_files(tmp_path, kind):
     with pytest.raises(ValueError, match="cannot read inputs from") as error:
         load_inputs_npz(str(path))
     assert "\n" not in str(error.value)
+
+
+def _perturbed_at(model: ModelRef, inputs, output: str, where) -> ModelRef:
+    """The same model with `output` changed by 1.0 at the positions `where` picks (a boolean
+    array over the output), as a candidate."""
+    reference = run_model(model, inputs)[output]
+    bump = np.zeros_like(reference)
+    bump[where(reference.shape)] = 1.0
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model.model)
+    candidate.graph.initializer.append(numpy_helper.from_array(bump, "bump"))
+    for node in candidate.graph.node:
+        for i, name in enumerate(node.output):
+            if name == output:
+                node.output[i] = output + "_raw"
+    candidate.graph.node.append(helper.make_node("Add", [output + "_raw", "bump"], [output]))
+    return ModelRef(candidate)
+
+
+def test_outputs_at_padded_tokens_may_differ_and_are_reported():
+    # present_key [B, 2, past+seq, 4]: its slots at padded tokens (attention_mask 0) are
+    # undefined in real models (a softmax over a fully masked row), so only they may differ.
+    model = _dynamo_decoder()
+    inputs = synthesize_inputs(model)
+    pads = inputs["attention_mask"] == 0
+    assert pads.any() and not pads.all()
+    candidate = _perturbed_at(model, inputs, "present_key",
+                              lambda shape: np.broadcast_to(pads[:, None, :, None], shape))
+    result = check_equivalent(model, candidate, inputs)
+    assert result.passed and result.outputs["present_key"].only_padding_differs
+    assert "padded positions" in result.message
+
+
+def test_a_difference_at_a_real_token_still_fails():
+    model = _dynamo_decoder()
+    inputs = synthesize_inputs(model)
+    valid = inputs["attention_mask"] == 1
+    first_valid = np.zeros_like(valid)
+    first_valid[1, int(np.argmax(valid[1]))] = True  # row 1's first real token
+    candidate = _perturbed_at(model, inputs, "present_key",
+                              lambda shape: np.broadcast_to(first_valid[:, None, :, None], shape))
+    result = check_equivalent(model, candidate, inputs)
+    assert not result.passed and "present_key" in result.message
+    assert not result.outputs["present_key"].only_padding_differs
