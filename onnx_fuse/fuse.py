@@ -90,17 +90,17 @@ def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool,
         # spec that fused declares it (min_opset: TensorScatter needs 24). Matched at the floor
         # first and again at the higher opset if something that fused needs it; if the model
         # cannot be raised that far, those specs stay unfused (with the reason) and the rest fuse.
-        level, emit, previous = chosen.min_opset, chosen.emit, None
-        while True:
-            graph, result, working, failure = _match(source, weights, rules, emit, options, proof,
-                                                     report, from_opset, level, apply)
-            if failure is not None and previous is not None:
-                level, emit, previous = previous, _capped(chosen.emit, previous, failure), None
-                continue
-            wanted = max((_spec_opset(f.spec) for f in result.fused), default=0)
-            if not apply or failure is not None or wanted <= max(level, from_opset):
-                break
-            previous, level = level, wanted
+        floor = chosen.min_opset
+        graph, result, working, failure = _match(source, weights, rules, chosen.emit, options,
+                                                 proof, report, from_opset, floor, apply)
+        wanted = max((_spec_opset(f.spec) for f in result.fused), default=0)
+        if apply and failure is None and wanted > max(floor, from_opset):
+            graph, result, working, failure = _match(source, weights, rules, chosen.emit, options,
+                                                     proof, report, from_opset, wanted, apply)
+            if failure is not None:  # stay at the floor; what needs more stays unfused
+                graph, result, working, _ = _match(
+                    source, weights, rules, _capped(chosen.emit, floor, failure), options, proof,
+                    report, from_opset, floor, apply)
 
     _describe(report, result)
     changed = apply and bool(result.fused)
