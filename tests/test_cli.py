@@ -401,3 +401,35 @@ def test_failure_at_the_model_rename_removes_the_data_already_renamed(capfd, tmp
     code, _, err = run_main(capfd, "fuse", path, "-o", out_dir / "out.onnx", "--no-check")
     assert code == 2 and len(err.splitlines()) == 1, err
     assert os.listdir(out_dir) == []
+
+
+# --------------------------------------------------------------------------- explaining
+
+
+def test_inspect_says_what_fuses_and_explains_every_candidate_it_leaves(capfd):
+    rotary = os.path.join(MODELS, "llama-gqa_decode_eager_torchscript.onnx")
+    code, out, err = run_main(capfd, "inspect", rotary)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("fused: attention 2;")
+    fuses = [line for line in lines if line.lstrip().startswith("fuses")]
+    misses = [line for line in lines if line.lstrip().startswith("unfused")]
+    assert len(fuses) == 2 and all("mask_class=causal_padding" in f for f in fuses)
+    # Each RoPE left alone gets one line: the rule, its anchor node and the first failed condition.
+    assert len(misses) == 4
+    assert all(" rope " in m and "at Neg '" in m and "max_positions is unknown" in m for m in misses)
+    # With the bound given, nothing is left.
+    code, out, _ = run_main(capfd, "inspect", rotary, "--max-positions", 64)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("fused: attention 2, rope 4; unfused candidates: 0")
+    assert not any(line.lstrip().startswith("unfused") for line in lines)
+
+
+def test_inspect_json_report_has_the_contract_fields(capfd, tmp_path):
+    path = save(attention_model(probs_as_output=True), tmp_path / "probs.onnx")
+    code, out, _ = run_main(capfd, "inspect", path, "--json")
+    report = __import__("json").loads(out)
+    assert code == 0 and report["counts"] == {}
+    (miss,) = report["unfused"]
+    assert set(miss) == {"anchor", "pattern", "reason"}
+    assert miss["pattern"] == "attention" and "graph output" in miss["reason"]
