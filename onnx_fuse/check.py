@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import runtime
+from .errors import first_line
 from .dims import dim_symbols, eval_dim
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ def _synthesize(
     try:
         session = _session(model)
     except Exception as e:
-        raise CheckError(f"reference model failed to load: {_one_line(e)}") from e
+        raise CheckError(f"reference model failed to load: {first_line(e)}") from e
     errors = []
     for values in assignments:
         try:
@@ -199,7 +200,7 @@ def _synthesize(
             errors.append(e)
     raise CheckError(
         f"reference model did not run with any of {len(assignments)} input shape assignments; "
-        f"first error: {_one_line(errors[0])}"
+        f"first error: {first_line(errors[0])}"
     )
 
 
@@ -424,7 +425,7 @@ def check_equivalent(
             try:
                 reference_outputs = run_model(reference, inputs)
             except Exception as e:
-                raise CheckError(f"reference model failed to run: {_one_line(e)}") from e
+                raise CheckError(f"reference model failed to run: {first_line(e)}") from e
     elif inputs is None:
         raise ValueError("reference_outputs given without the inputs they were computed from")
 
@@ -434,7 +435,7 @@ def check_equivalent(
         return CheckResult(
             passed=False,
             outputs={name: _incomparable() for name in reference_outputs},
-            message=f"candidate failed to run: {_one_line(e)}",
+            message=f"candidate failed to run: {first_line(e)}",
         )
 
     diffs: dict[str, OutputDiff] = {}
@@ -546,7 +547,7 @@ def load_inputs_npz(path: str) -> dict[str, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:  # np.load raises OSError, ValueError, EOFError, zip errors...
-        raise ValueError(f"cannot read inputs from {path}: {_one_line(e)}") from e
+        raise ValueError(f"cannot read inputs from {path}: {first_line(e)}") from e
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(
             f"cannot read inputs from {path}: expected an .npz archive of named arrays, not one array"
@@ -555,7 +556,7 @@ def load_inputs_npz(path: str) -> dict[str, np.ndarray]:
         try:
             inputs = {name: archive[name] for name in archive.files}
         except Exception as e:
-            raise ValueError(f"cannot read inputs from {path}: {_one_line(e)}") from e
+            raise ValueError(f"cannot read inputs from {path}: {first_line(e)}") from e
     if not inputs:
         raise ValueError(f"cannot read inputs from {path}: the archive holds no arrays")
     return inputs
@@ -570,8 +571,6 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype == _BF16
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _json_float(value: float) -> float | None:

@@ -11,3 +11,9 @@ class CheckFailed(Exception):
     def __init__(self, message: str, check: dict | None = None):
         super().__init__(message)
         self.check = check
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters, for messages and reasons."""
+    text = str(error).strip().splitlines()
+    return (text[0][:limit] if text else "") or type(error).__name__

@@ -44,6 +44,7 @@ class Graph:
         self._output_ids = {id(t) for t in self.gs.outputs}
         self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
         self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
+        self.memo: dict = {}  # verifications rules make once per pass (see rewrite.once)
         self._shapes: dict[int, tuple] = {}
         self._refine_shapes()
 

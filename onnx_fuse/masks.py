@@ -60,6 +60,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
+from .errors import first_line
 from .dims import dim_symbols, eval_dim
 from .graph import Graph, Tensor, onnx_dtype
 
@@ -224,7 +225,7 @@ def evaluate_mask(graph: Graph, mask: Tensor, batch: int, query: int, past: int 
         names = {t.name for t in program.inputs}
         return {k: v for k, v in feeds.items() if k in names}, np.asarray(out)
     raise ValueError(f"the mask does not evaluate at batch {batch}, query {query}, past {past}: "
-                     f"{_one_line(errors[0]) if errors else 'no size assignment'}")
+                     f"{first_line(errors[0]) if errors else 'no size assignment'}")
 
 
 def padding_input(graph: Graph, mask: Tensor) -> Tensor | None:
@@ -925,7 +926,7 @@ def _session(program: _Program):
         try:
             program.session = runtime.session(program.model_bytes)
         except Exception as e:  # onnxruntime raises many types
-            raise _Unsupported(f"onnxruntime cannot load the mask subgraph: {_one_line(e)}") from e
+            raise _Unsupported(f"onnxruntime cannot load the mask subgraph: {first_line(e)}") from e
     return program.session
 
 
@@ -1039,7 +1040,7 @@ def _evaluate(graph, program, roles, size, drop, query_len, key_len, strict):
         hidden = out[~visible] if out.dtype.kind == "f" else np.zeros(1)
         return _Evaluation(size, visible, padding, bool(np.all(np.isneginf(hidden))))
     return (f"the mask subgraph does not run at batch {size[0]}, query {size[1]}, past {size[2]}"
-            + (f": {_one_line(error)}" if error is not None else ""))
+            + (f": {first_line(error)}" if error is not None else ""))
 
 
 def _expected_dim(graph: Graph, spec, values: dict[str, int]) -> int | None:
@@ -1063,8 +1064,6 @@ def _expected_dim(graph: Graph, spec, values: dict[str, int]) -> int | None:
         return None
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
 
 
 def _match(evaluations: list[_Evaluation], roles: _Roles, notes: list[str]) -> MaskClass:

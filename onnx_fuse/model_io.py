@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
-from .errors import BadInput
+from .errors import BadInput, first_line
 
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training",
                  "com.microsoft.nchwc", "ai.onnx.training", "com.ms.internal.nhwc",
@@ -49,7 +49,7 @@ def load_model(path: str) -> SourceModel:
     try:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: not a valid ONNX model (protobuf parse failed: {_first_line(exc)})")
+        raise BadInput(f"{path}: not a valid ONNX model (protobuf parse failed: {first_line(exc)})")
     except OSError as exc:
         raise BadInput(f"{path}: cannot read ({exc.strerror or exc})")
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
@@ -215,7 +215,7 @@ def save_model(model: onnx.ModelProto, path: str, source_dir: str | None,
         try:
             payload = model.SerializeToString()
         except (ValueError, EncodeError) as exc:  # protobuf refuses messages over 2 GB
-            raise BadInput(f"{path}: the model is too large to serialize ({_first_line(exc)}); "
+            raise BadInput(f"{path}: the model is too large to serialize ({first_line(exc)}); "
                            "store its weights as external data") from None
     staged: list[tuple[str, str]] = []
     made_dirs: list[str] = []
@@ -354,6 +354,3 @@ def _umask() -> int:
     return mask
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

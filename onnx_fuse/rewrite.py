@@ -109,6 +109,19 @@ class Rewrite:
         return created
 
 
+def once(graph: Graph, key, compute: Callable[[], Any]):
+    """compute() once per graph and key: the verification every layer would repeat (the same
+    cos/sin tables, the same cache write). A Reject is remembered and raised again."""
+    if key not in graph.memo:
+        try:
+            graph.memo[key] = compute()
+        except Reject as reject:
+            graph.memo[key] = reject
+    if isinstance(graph.memo[key], Reject):
+        raise graph.memo[key]
+    return graph.memo[key]
+
+
 def node_label(node: Node) -> str:
     return f"{node.op} '{node.name or node.outputs[0].name}'"
 

@@ -21,7 +21,6 @@ and must agree exactly.
 from __future__ import annotations
 
 import hashlib
-import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -30,7 +29,8 @@ import onnx_graphsurgeon as gs
 
 from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
 from onnx_fuse.pattern import Match, match, op, var
-from onnx_fuse.rewrite import Reject, Rewrite, Rule
+from onnx_fuse.errors import first_line
+from onnx_fuse.rewrite import Reject, Rewrite, Rule, once
 from onnx_fuse.specs import KVCacheWriteSpec
 from onnx_fuse.targets.onnx import emit_kv_cache_write  # what a match is checked against
 
@@ -183,7 +183,7 @@ def _verify(graph: Graph, spec: KVCacheWriteSpec) -> None:
     sub = _Subgraph(graph, spec.output, roles)
     static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.past))
     key = (sub.signature, static, spec.update_perm, spec.dtype, onnx_dtype(spec.positions))
-    _once(graph, key, lambda: _compare(graph, sub, spec))
+    once(graph, ("kv_cache", key), lambda: _compare(graph, sub, spec))
 
 
 def _compare(graph: Graph, sub: "_Subgraph", spec: KVCacheWriteSpec) -> None:
@@ -214,11 +214,11 @@ def _compare(graph: Graph, sub: "_Subgraph", spec: KVCacheWriteSpec) -> None:
         try:
             got = run_model(original, feeds)[spec.output.name]
         except Exception as error:  # onnxruntime's exception types are not importable portably
-            raise Reject(f"the matched write does not run on its own: {_first_line(error)}")
+            raise Reject(f"the matched write does not run on its own: {first_line(error, 200)}")
         try:
             want = run_model(fused, feeds)[spec.output.name]
         except Exception as error:
-            raise Reject(f"TensorScatter does not run in onnxruntime: {_first_line(error)}")
+            raise Reject(f"TensorScatter does not run in onnxruntime: {first_line(error, 200)}")
         if got.shape != want.shape or not np.array_equal(got, want):
             raise Reject(f"TensorScatter differs from the matched write (S {seq}, first slot {start})")
 
@@ -306,26 +306,8 @@ def _np_dtype(tensor: Tensor):
     return onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype(tensor))
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
-# Per graph: verified subgraphs by signature (every layer's K and V write is the same function).
-_CACHES: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
-
-
-def _once(graph: Graph, key, compute):
-    """compute() once per graph and key; a Reject is remembered and raised again."""
-    cache = _CACHES.setdefault(graph, {})
-    if key not in cache:
-        try:
-            cache[key] = compute()
-        except Reject as reject:
-            cache[key] = reject
-    if isinstance(cache[key], Reject):
-        raise cache[key]
-    return cache[key]
 
 
 RULES = [

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -37,7 +36,8 @@ import onnx_graphsurgeon as gs
 from onnx_fuse import runtime
 from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
 from onnx_fuse.pattern import Match, either, maybe, op, var
-from onnx_fuse.rewrite import Reject, Rewrite, Rule
+from onnx_fuse.errors import first_line
+from onnx_fuse.rewrite import Reject, Rewrite, Rule, once
 from onnx_fuse.specs import RotarySpec
 from onnx_fuse.targets.onnx import emit_rotary  # what a match is checked against: the op it becomes
 
@@ -182,7 +182,7 @@ def _tables(graph: Graph, cos: Tensor, sin: Tensor) -> _Tables:
     if closure.shape_leaves:
         raise Reject(f"the cos/sin tables depend on the shape of '{closure.shape_leaves[0].name}'")
     key = (closure.signature, graph.shape(positions), graph.options.max_positions)
-    found = _once(graph, key, lambda: _evaluate_tables(graph, closure, positions))
+    found = once(graph, ("rope tables", key), lambda: _evaluate_tables(graph, closure, positions))
     return replace(found, positions=positions, key=key)
 
 
@@ -270,7 +270,7 @@ def _verify(graph: Graph, m: Match, spec: RotarySpec, tables: _Tables) -> None:
     closure = _Closure(graph, watched, {id(spec.input): "x", id(spec.positions): "positions"})
     static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.input))
     key = ("verified", closure.signature, static, tables.key, spec.interleaved)
-    _once(graph, key, lambda: _compare(graph, closure, spec))
+    once(graph, ("rope check", key), lambda: _compare(graph, closure, spec))
 
 
 def _compare(graph: Graph, closure: "_Closure", spec: RotarySpec) -> None:
@@ -511,7 +511,7 @@ def _session(graph: Graph, model: onnx.ModelProto):
     try:  # tables may be in external data files beside the model
         return runtime.session(model.SerializeToString(), graph.base_dir)
     except Exception as error:  # onnxruntime's own exception types are not importable portably
-        raise Reject(f"the subgraph does not load in onnxruntime: {_first_line(error)}")
+        raise Reject(f"the subgraph does not load in onnxruntime: {first_line(error, 200)}")
 
 
 def _run(session, feeds: dict) -> list[np.ndarray]:
@@ -519,28 +519,11 @@ def _run(session, feeds: dict) -> list[np.ndarray]:
     try:
         return session.run(None, {k: v for k, v in feeds.items() if k in declared})
     except Exception as error:
-        raise Reject(f"the subgraph does not run on its own: {_first_line(error)}")
+        raise Reject(f"the subgraph does not run on its own: {first_line(error, 200)}")
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
-# Per graph: evaluated tables and verified subgraphs by signature (32 layers: 2 checks, q and k).
-_CACHES: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
-
-
-def _once(graph: Graph, key, compute):
-    """compute() once per graph and key; a Reject is remembered and raised again."""
-    cache = _CACHES.setdefault(graph, {})
-    if key not in cache:
-        try:
-            cache[key] = compute()
-        except Reject as reject:
-            cache[key] = reject
-    if isinstance(cache[key], Reject):
-        raise cache[key]
-    return cache[key]
 
 
 RULES = [
