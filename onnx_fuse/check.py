@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass

@@ -16,7 +16,7 @@ from .graph import Graph, Options
 from .model_io import SourceModel, load_model, save_model, validate
 from .opset import OpsetError, default_opset, raise_opset
 from .rewrite import PassResult, Reject, Unfused, run_rules
-from .targets import Target, get_target
+from .targets import get_target
 
 
 @dataclass

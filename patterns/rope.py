@@ -26,7 +26,6 @@ several lengths and positions up to max_positions, equals the RotaryEmbedding th
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, replace
 
 import numpy as np

@@ -59,13 +59,13 @@ def write_model(form="elements", positions="input", axis=2, axes=None, reduction
     if form == "elements":
         index = g.op("Unsqueeze", pos, g.const(axes or [0, 1, 3], np.int64))
         index = g.op("Expand", index, g.op("Shape", new))
-        out = g.op("ScatterElements", past, index, new, axis=axis, **extra)
+        g.op("ScatterElements", past, index, new, axis=axis, **extra)
     else:
         past_t = g.op("Transpose", past, perm=[2, 0, 1, 3])
         # dynamo merges V's head transpose into the one before the scatter: [B, S, N, H] → [S, B, N, H]
         new_t = g.op("Transpose", new, perm=[2, 0, 1, 3] if update_layout == "bnsh" else [1, 0, 2, 3])
         index = g.op("Unsqueeze", pos, g.const(axes or [1], np.int64))
-        out = g.op("Transpose", g.op("ScatterND", past_t, index, new_t, **extra), perm=[1, 2, 0, 3])
+        g.op("Transpose", g.op("ScatterND", past_t, index, new_t, **extra), perm=[1, 2, 0, 3])
     g.nodes[-1].output[0] = "present"  # the updated cache is a graph output
     g.outputs = [helper.make_tensor_value_info("present", FLOAT, ["batch", HEADS, CACHE_LEN, HEAD])]
     graph = helper.make_graph(g.nodes, "g", g.inputs, g.outputs, g.initializers)

@@ -212,7 +212,6 @@ def test_boolean_padding_input():
 def test_causal_and_padding_combinations(combine):
     b = MaskBuilder(past=True, padding=True)
     causal, pad = b.causal(), b.pad()
-    drop = False
     if combine == "and":
         out, dtype = b.op("And", causal, pad), BOOL
     elif combine == "min":

@@ -10,10 +10,10 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import onnx_fuse
-from graphs import GraphBuilder, attention_model, random_inputs
+from graphs import GraphBuilder, attention_model
 from onnx_fuse import BadInput, cli
 
 MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "models")
