@@ -78,7 +78,8 @@ def test_primitive_trt_target_writes_the_causal_form_tensorrt_exploits():
 
 @pytest.mark.parametrize("name", ["llama-gqa_prefill_eager_torchscript.onnx",
                                   "gpt2_prefill_sdpa_dynamo.onnx",
-                                  "mistral-swa_decode_eager_dynamo.onnx"])
+                                  "mistral-swa_decode_eager_dynamo.onnx",
+                                  "gemma2_prefill_eager_torchscript.onnx"])  # softcap too
 def test_primitive_trt_keeps_fully_masked_rows_as_the_original(name):
     # Eager and dynamo-SDPA exports average V over a fully masked (left-padded) query row.
     result = onnx_fuse.fuse(os.path.join(MODELS, name), target="primitive-trt", check=True)

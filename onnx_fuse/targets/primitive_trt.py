@@ -6,7 +6,7 @@ in Attention Masks" in the TensorRT transformers guide):
 - the causal mask is a Range-based `q >= kv` comparison built from pointwise, Range and Expand
   ops only (sliding windows and padding are further pointwise conditions on the same mask);
 - exactly one masking op, a Where with -inf where masked, sits between the first MatMul and
-  the Softmax.
+  the Softmax (a softcap, c · tanh(s / c), is pointwise and may precede it).
 
 Only attentions whose mask was proven causal (masks.py) are rewritten. -inf masking makes a
 query row whose keys are all hidden (left padding) NaN; a pointwise Where after the Softmax gives
@@ -34,9 +34,6 @@ def emit(spec, rw: Rewrite) -> None:
     if klass is None or not klass.causal or spec.mask.bias is not None:
         raise Reject("target primitive-trt rewrites causal attention only; this mask is "
                      f"{klass.kind if klass else 'absent'}")
-    if spec.softcap:
-        raise Reject("softcap sits between the scores and the mask; TensorRT's pattern has none")
-
     np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
     query = rw.op("Mul", [spec.query, rw.const("q_scale", np.array(spec.scale, np_type))])
     key, value = spec.key, spec.value
@@ -44,6 +41,9 @@ def emit(spec, rw: Rewrite) -> None:
         key = rw.op("Transpose", [key], {"perm": list(spec.key_perm)})
     key, value = (_repeat_heads(spec, t, rw) for t in (key, value))
     scores = rw.op("MatMul", [query, rw.op("Transpose", [key], {"perm": [0, 1, 3, 2]})])
+    if spec.softcap:  # c · tanh(s / c): pointwise ops, which the MHA pattern allows in series
+        cap = rw.const("softcap", np.array(spec.softcap, np_type))
+        scores = rw.op("Mul", [rw.op("Tanh", [rw.op("Div", [scores, cap])]), cap])
     visible = rw.shared(("trt_causal_mask", id(spec.mask.tensor), klass),
                         lambda: _causal_visibility(spec, rw))
     minus_inf = rw.const("minus_inf", np.array(-np.inf, np_type))
