@@ -72,7 +72,8 @@ def _repeat_heads(spec: AttentionSpec, tensor: Tensor, rw: Rewrite) -> Tensor:
     """K/V heads repeated next to each other up to the query heads (grouped-query attention)."""
     if spec.kv_heads == spec.q_heads:
         return tensor
-    head_size = tensor.shape[3] if tensor.shape is not None and len(tensor.shape) == 4 else None
+    shape = rw.graph.shape(tensor)
+    head_size = shape[3] if shape is not None and len(shape) == 4 else None
     if not all(isinstance(d, int) for d in (spec.q_heads, spec.kv_heads, head_size)):
         raise Reject("grouped-query attention with unknown head counts or head size")
     rep = spec.q_heads // spec.kv_heads
