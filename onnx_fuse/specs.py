@@ -65,6 +65,7 @@ class AttentionSpec:
     # fill: the softmax is uniform), "zero" (-inf fill and torch SDPA's NaN guard) or "nan".
     empty_row_output: str
     flat_output: bool  # the original output is [B*Nq, Sq, Hv]: reshape the 4-D result to it
+    output_dtype: int  # the original output's type (float32 where the export raised V to it)
     dtype: int  # onnx dtype of Q, K, V
     q_heads: Dim
     kv_heads: Dim

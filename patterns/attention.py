@@ -116,7 +116,7 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
         raise Reject(f"Softmax over axis {axis}, not the last axis")
     _require_exclusive(graph, m)
 
-    q, v = m["q"], m["v"]
+    q, v = m["q"], _behind_upcast(graph, m["v"], onnx_dtype(m["q"]))
     if "k" in m.captures:
         perm = m["k_transpose"].attrs.get("perm") or list(reversed(range(rank)))
         key, key_perm = m["k"], tuple(perm[i] for i in _swap_last_two(rank))
@@ -170,9 +170,20 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
         query=q, key=key, key_perm=key_perm, value=v, output=m["pv"].outputs[0],
         scale=scale, softcap=_softcap(m), mask=mask, dtype=dtype,
         softmax_dtype=softmax_dtype if softmax_dtype != dtype else None, flat_output=flat,
+        output_dtype=onnx_dtype(m["pv"].outputs[0]),
         empty_row_output=_empty_row_output(m, mask),
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
     )
+
+
+def _behind_upcast(graph: Graph, value: Tensor, dtype: int | None) -> Tensor:
+    """V before a Cast that raises it from Q's type for a float32 product (torch's SDPA export
+    of a float16 model): Attention takes V in Q's type and runs the softmax in float32."""
+    node = graph.producer(value)
+    if onnx_dtype(value) != dtype and node is not None and node.op == "Cast" \
+            and onnx_dtype(node.inputs[0]) == dtype:
+        return node.inputs[0]
+    return value
 
 
 def _unflattened(graph: Graph, tensor: Tensor) -> Tensor:
@@ -295,8 +306,8 @@ def _mask(graph: Graph, m: Match, dtype: int, softmax_dtype: int | None) -> Mask
     scores_shape = graph.shape(m["qk"].outputs[0])
     if "mask" in m.captures:
         tensor = m["mask"]
-        if onnx_dtype(tensor) != dtype:
-            raise Reject("the additive mask's type differs from Q's")
+        if onnx_dtype(tensor) not in (dtype, softmax_dtype):
+            raise Reject("the additive mask's type is neither Q's nor the softmax's")
         bias = m.get("bias")
         if bias is not None and onnx_dtype(bias) != dtype:
             raise Reject("the additive bias's type differs from Q's")

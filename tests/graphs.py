@@ -135,13 +135,15 @@ def random_inputs(model: onnx.ModelProto, sizes=None, seed=0):
     for value in model.graph.input:
         dims = [d.dim_value if d.HasField("dim_value") else sizes[d.dim_param]
                 for d in value.type.tensor_type.shape.dim]
-        if value.type.tensor_type.elem_type == TensorProto.BOOL:
+        elem_type = value.type.tensor_type.elem_type
+        if elem_type == TensorProto.BOOL:
             keep = np.ones(dims, dtype=bool)
             keep[..., 0] = False  # every row keeps at least one key
             keep[0] = True
             feeds[value.name] = keep
         else:
-            feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
+            feeds[value.name] = rng.standard_normal(dims).astype(
+                onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     return feeds
 
 
@@ -168,3 +170,20 @@ def flat_attention_model(*, heads=4, head=8, reshape="minus_one", mask=None):
         s = g.op("Add", s, g.input("mask", TensorProto.FLOAT, ["BN", "S", "T"]))
     out = g.op("MatMul", g.op("Softmax", s, axis=-1), v)
     return g.model(out)
+
+
+def float16_upcast_attention_model(*, heads=4, head=8):
+    """torch's SDPA as the TorchScript exporter writes it for a float16 model: the scores are
+    cast to float32 for the mask and softmax, V is cast up for the product, and the result is
+    cast back down to float16."""
+    g = GraphBuilder()
+    q, k, v = (g.input(n, TensorProto.FLOAT16, ["B", heads, "S" if n == "q" else "T", head])
+               for n in ("q", "k", "v"))
+    root = np.sqrt(1 / np.sqrt(head))
+    q = g.op("Mul", q, g.const(root, np.float16))
+    kt = g.op("Mul", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const(root, np.float16))
+    scores = g.op("Cast", g.op("MatMul", q, kt), to=TensorProto.FLOAT)
+    masked = g.op("Add", scores, g.input("mask", TensorProto.FLOAT, ["B", 1, "S", "T"]))
+    probs = g.op("Softmax", masked, axis=-1)
+    out = g.op("MatMul", probs, g.op("Cast", v, to=TensorProto.FLOAT))
+    return g.model(g.op("Cast", out, to=TensorProto.FLOAT16), dtype=TensorProto.FLOAT16)

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 import onnx_fuse
-from graphs import attention_model, flat_attention_model, random_inputs
+from graphs import attention_model, flat_attention_model, float16_upcast_attention_model, random_inputs
 
 
 def run(model, feeds):
@@ -123,6 +123,19 @@ def test_3d_attention_with_a_per_head_mask_is_left_alone():
     result = onnx_fuse.fuse(model, check=True, inputs=random_inputs(model, {"BN": 8}))
     assert result.report["counts"] == {}
     assert "varies over batch*heads" in result.report["unfused"][0]["reason"]
+
+
+def test_float16_attention_with_a_float32_softmax_and_product():
+    model = float16_upcast_attention_model()
+    feeds = random_inputs(model)
+    result = onnx_fuse.fuse(model, check=True, inputs=feeds)
+    assert result.report["counts"] == {"attention": 1}, result.report["unfused"]
+    (node,) = attention_nodes(result.model)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["softmax_precision"] == onnx.TensorProto.FLOAT  # the softmax stays float32
+    assert node.input[2] == "v"  # V in its own float16, not cast up
+    np.testing.assert_allclose(run(result.model, feeds).astype(np.float32),
+                               run(model, feeds).astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_casts_around_softmax():

@@ -45,17 +45,30 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
         attrs["softcap"] = float(spec.softcap)
     if spec.softmax_dtype is not None:
         attrs["softmax_precision"] = int(spec.softmax_dtype)
+    finish(spec, "Attention", inputs, attrs, rw)
+
+
+def finish(spec: AttentionSpec, op_type: str, inputs: list, attrs: dict, rw: Rewrite) -> None:
+    """The last op of an attention, then what makes its result the original's output tensor
+    (which the last node emitted takes over): a Cast where the original computed the product
+    in another type, a Reshape to [B*N, S, H] where it was 3-D."""
+    steps = []
+    if spec.output_dtype is not None and spec.output_dtype != spec.dtype:
+        steps.append(("Cast", {"to": spec.output_dtype}))
     if spec.flat_output:
-        flat_to(spec, rw.op("Attention", inputs, attrs), rw)
-    else:
-        rw.op("Attention", inputs, attrs, outputs=[spec.output])
-
-
-def flat_to(spec: AttentionSpec, output: Tensor, rw: Rewrite) -> None:
-    """The 4-D attention output reshaped to the original's [B*N, S, H], which it takes over."""
-    tail = rw.op("Shape", [output], {"start": 2})
-    shape = rw.op("Concat", [rw.const("minus_one", np.array([-1], np.int64)), tail], {"axis": 0})
-    rw.op("Reshape", [output, shape], outputs=[spec.output])
+        steps.append(("Reshape", None))
+    if not steps:
+        rw.op(op_type, inputs, attrs, outputs=[spec.output])
+        return
+    output = rw.op(op_type, inputs, attrs)
+    for i, (step, step_attrs) in enumerate(steps):
+        last = [spec.output] if i == len(steps) - 1 else None
+        if step == "Reshape":
+            tail = rw.op("Shape", [output], {"start": 2})
+            shape = rw.op("Concat", [rw.const("minus_one", np.array([-1], np.int64)), tail], {"axis": 0})
+            output = rw.op("Reshape", [output, shape], outputs=last)
+        else:
+            output = rw.op(step, [output], step_attrs, outputs=last)
 
 
 def attention_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
@@ -96,6 +109,13 @@ def _mask_4d(spec: AttentionSpec, rw: Rewrite) -> Tensor:
             tensor = rw.op("Where", [visible, rw.const("mask_zero", np.zeros((), np_type)), floor])
     else:
         tensor = mask.tensor if mask.bias is None else rw.op("Add", [mask.bias, mask.tensor])
+        if onnx_dtype(tensor) not in (None, spec.dtype) and not mask.boolean_exact:
+            # A float32 mask for float16 attention: clip to the narrower range first, or its
+            # lowest value would become -inf and change what fully masked rows compute.
+            lowest = rw.const("mask_lowest", np.array(ml_dtypes.finfo(np_type).min, np.float32))
+            clipped = rw.op("Where", [rw.op("IsInf", [tensor], {"detect_positive": 0}), tensor,
+                                      rw.op("Max", [tensor, lowest])])
+            tensor = rw.op("Cast", [clipped], {"to": spec.dtype})
         if mask.boolean_exact:
             # Proven to hold only 0 (visible) and huge negatives (hidden), with no query row
             # all hidden: a boolean mask is exact, and what TensorRT's kernels prefer.

@@ -22,7 +22,7 @@ import onnx
 from ..graph import Tensor
 from ..rewrite import Reject, Rewrite
 from ..specs import AttentionSpec
-from .onnx import flat_to
+from .onnx import finish
 
 MIN_OPSET = 13  # Softmax over one axis, Unsqueeze with axes as an input
 
@@ -62,10 +62,7 @@ def emit(spec, rw: Rewrite) -> None:
             keys = rw.op("Cast", [rw.op("Shape", [value], {"start": 2, "end": 3})], {"to": spec.dtype})
             fill = rw.op("Reciprocal", [keys])
         probs = rw.op("Where", [rw.op("IsNaN", [probs]), fill, probs])
-    if spec.flat_output:
-        flat_to(spec, rw.op("MatMul", [probs, value]), rw)
-    else:
-        rw.op("MatMul", [probs, value], outputs=[spec.output])
+    finish(spec, "MatMul", [probs, value], {}, rw)
 
 
 def _repeat_heads(spec: AttentionSpec, tensor: Tensor, rw: Rewrite) -> Tensor:
