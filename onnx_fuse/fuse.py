@@ -107,6 +107,9 @@ def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool,
     output = export(graph, working) if changed else source.model
     if changed:
         report["tensorrt"] = trt_contract.report(chosen.name, output)
+        problems = {e["node"]: e["problems"] for e in report["tensorrt"]}
+        for entry in report["fused"]:  # each fusion says what TensorRT would make of it
+            entry["tensorrt"] = [p for node in entry["nodes"] for p in problems.get(node, [])]
     fused = FuseResult(output, report, source.base_dir, changed, source.path)
     if proof is not None and changed:
         try:
@@ -303,7 +306,7 @@ def _blocked(result: PassResult, reason: str) -> PassResult:
 
 def _describe(report: dict, result: PassResult) -> None:
     report["counts"] = result.counts()
-    report["fused"] = [{"rule": f.rule, "anchor": f.anchor, **f.spec.summary()}
+    report["fused"] = [{"rule": f.rule, "anchor": f.anchor, **f.spec.summary(), "nodes": f.nodes}
                        for f in result.fused]
     report["unfused"] = [u.to_json() for u in result.unfused]
 

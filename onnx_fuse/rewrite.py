@@ -37,6 +37,7 @@ class Fused:
     rule: str
     anchor: str
     spec: Any
+    nodes: list[str] = field(default_factory=list)  # names of the nodes the rewrite added
 
 
 @dataclass
@@ -148,10 +149,9 @@ def run_rules(graph: Graph, rules: list[Rule], emit: Callable[[Any, Rewrite], No
             except Reject as reject:
                 result.unfused.append(Unfused(label, rule.name, str(reject)))
                 continue
-            if apply:
-                rewrite.apply()
+            created = rewrite.apply() if apply else []
             consumed.update(id(n) for n in found.nodes)
-            result.fused.append(Fused(rule.name, label, spec))
+            result.fused.append(Fused(rule.name, label, spec, [n.name for n in created]))
     if apply and result.fused:
         tidy(graph.gs)
     return result

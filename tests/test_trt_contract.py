@@ -61,6 +61,12 @@ def test_fused_committed_models_meet_the_parser_contract_except_precision():
             if name.startswith("gemma2"):
                 rest = [p for p in rest if "softcap" not in p]
             assert rest == [], (name, entry)
+        # Each fusion in the report carries the problems of the nodes it added.
+        for fused in result.report["fused"]:
+            assert fused["nodes"]
+            if fused["rule"] == "attention":
+                assert any("no fused MHA kernel" in p for p in fused["tensorrt"])
+                assert any("softcap" in p for p in fused["tensorrt"]) == name.startswith("gemma2")
 
 
 def test_primitive_trt_target_writes_the_causal_form_tensorrt_exploits():
