@@ -433,3 +433,14 @@ def test_inspect_json_report_has_the_contract_fields(capfd, tmp_path):
     (miss,) = report["unfused"]
     assert set(miss) == {"anchor", "pattern", "reason"}
     assert miss["pattern"] == "attention" and "graph output" in miss["reason"]
+
+
+def test_check_command_compares_two_models(capfd, tmp_path):
+    fused = tmp_path / "fused.onnx"
+    assert run_main(capfd, "fuse", LLAMA, "-o", fused, "--no-check")[0] == 0
+    code, out, _ = run_main(capfd, "check", LLAMA, fused)
+    assert code == 0 and out.splitlines()[-1].startswith("passed:")
+    # A model that computes something else fails with exit 1 and names the output.
+    other = os.path.join(MODELS, "qwen2-gqa_prefill_eager_torchscript.onnx")
+    code, out, _ = run_main(capfd, "check", LLAMA, other)
+    assert code == 1 and "logits" in out and out.splitlines()[-1].startswith("failed:")
