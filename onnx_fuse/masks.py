@@ -7,15 +7,14 @@ visible, or True = hidden for `drop` masks), broadcastable to [batch, heads, que
 `is_causal`, a key padding mask, or keep the mask tensor as it is.
 
 Names and op patterns decide nothing. The subgraph that computes the mask is cut out of the model
-(its ancestors only) and run in onnxruntime at several sizes. Shape(x) needs only x's shape:
-when x is a graph input, or its dims are symbols (or expressions) of graph input dims, the shape
-is fed as an input of the program; otherwise x is computed from its own ancestors, with heavy
-embedding tables replaced by zero stand-ins (a Gather's shape does not depend on the table's
-values), or, behind other heavy weights, found by ONNX shape inference at each size. The whole
-model never runs and heavy weights are never loaded (see BASE_SIZES for the sizes: query length 1
+(its ancestors only, as a small program: see mask_program; the whole model never runs and heavy
+weights are never loaded) and run in onnxruntime at several sizes (see BASE_SIZES: query length 1
 and more, an empty and a non-empty KV cache when the model has one, batch 1 and more, and a 0/1
 padding mask whose rows are padded differently). A class is reported only if its template
 reproduces the evaluated mask exactly, every element, at every size.
+
+This module holds the public API, the size driver (which graph input dims are the batch, query,
+past and total lengths, the sizes evaluated and the feeds at each) and the template matching.
 
 Classes (``MaskClass.kind``), with i the query row, j the key column, Sq/Skv their lengths and
 c = i + offset the query's aligned position (offset Skv - Sq for "lower_right", 0 for
@@ -49,31 +48,20 @@ at, so the class holds at all of them.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from . import runtime
 from .errors import first_line
 from .dims import dim_symbols, eval_dim
 from .graph import Graph, Tensor, onnx_dtype
+from .mask_program import (Program, Unsupported, extract, input_dims, input_named, input_symbols,
+                           resolvable, session_of, shape_feed_values)
 
-# Initializer elements a mask program may carry to compute the shape of an intermediate whose
-# shape shape inference left symbolic (e.g. embeddings behind a Reshape). Heavier tables that are
-# only gathered from are replaced by zero stand-ins (the values do not matter for a shape); any
-# other heavy weight makes the program find the shape by ONNX shape inference at each size.
-WEIGHT_BUDGET = 1 << 22
-# Rows of the zero stand-in for a heavy table that is only gathered from to compute a shape.
-STAND_IN_ROWS = 2048
-# A Shape's input is computed (rather than its shape inferred) only if it takes at most this
-# many nodes.
-TRIAL_NODES = 2000
 # Largest mask (elements) the long probe may materialize.
 PROBE_LIMIT = 1 << 25
 # Additive values at or below this hide a key (exp underflows to 0 in every float type).
@@ -86,10 +74,6 @@ _IMAGE_SIDE = 224
 # length is past + query. A 2-D padding input gets, per row: none, left padding of 1, left padding
 # of about half, holes (every other key) (batch 1: left padding of 2).
 BASE_SIZES = ((3, 5, 0), (3, 1, 6), (4, 4, 3), (2, 1, 0), (1, 6, 2))
-
-_CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}
-_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-           "Bernoulli"}
 
 
 @dataclass(frozen=True)
@@ -142,8 +126,6 @@ def _arbitrary(reason: str) -> MaskClass:
 # --------------------------------------------------------------------------- public API
 
 _CLASS_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
-_PROGRAM_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
-_SHAPE_ROUTES: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
 
 
 def classify_mask(graph: Graph, mask: Tensor, *, query_len=None, key_len=None, model=None,
@@ -165,7 +147,7 @@ def classify_mask(graph: Graph, mask: Tensor, *, query_len=None, key_len=None, m
     hit = by_tensor.get(key)
     if hit is not None and hit[0] is mask:
         return hit[1]
-    program = _program(graph, mask, model)
+    program = extract(graph, mask, model)
     if program.problem is not None:
         result = _arbitrary(program.problem)
     else:
@@ -188,21 +170,21 @@ def classify_mask_spec(graph: Graph, spec, *, query_len=None, key_len=None, mode
 def mask_identity(graph: Graph, mask: Tensor) -> str | None:
     """A key equal for masks that compute the same values from the same graph inputs (each
     layer of a TorchScript SDPA export recomputes one), None if the mask cannot be extracted."""
-    program = _program(graph, mask, None)
+    program = extract(graph, mask, None)
     return program.fingerprint if program.problem is None else None
 
 
 def mask_dependencies(graph: Graph, mask: Tensor) -> list[Tensor]:
     """The graph inputs the mask depends on, by value or by shape (directly, through Shape of an
     intermediate, or through the symbolic dims of one), in graph input order."""
-    program = _program(graph, mask, None)
+    program = extract(graph, mask, None)
     names = set(program.value_inputs) | set(program.shape_inputs)
     return [t for t in graph.gs.inputs if t.name in names]
 
 
 def mask_value_inputs(graph: Graph, mask: Tensor) -> list[Tensor]:
     """The graph inputs whose values (not only shapes) flow into the mask."""
-    names = set(_program(graph, mask, None).value_inputs)
+    names = set(extract(graph, mask, None).value_inputs)
     return [t for t in graph.gs.inputs if t.name in names]
 
 
@@ -210,15 +192,15 @@ def evaluate_mask(graph: Graph, mask: Tensor, batch: int, query: int, past: int 
     """The mask's values at one size, as classify_mask evaluates them: (feeds, values), where
     feeds are the graph inputs the mask program was given (padding rows as documented, zeros
     elsewhere) and values the raw mask. Raises ValueError when the mask cannot be evaluated."""
-    program = _program(graph, mask, None)
+    program = extract(graph, mask, None)
     if program.problem is not None:
         raise ValueError(program.problem)
     roles = _roles(graph, program)
     errors = []
     for values in _assignments(roles, (batch, query, past)):
         try:
-            feeds, _ = _feeds(graph, program, roles, values)
-            (out,) = _session(program).run(None, feeds)
+            feeds, _ = _feeds(program, roles, values)
+            (out,) = session_of(program).run(None, feeds)
         except Exception as e:  # onnxruntime raises many types
             errors.append(e)
             continue
@@ -233,7 +215,7 @@ def padding_input(graph: Graph, mask: Tensor) -> Tensor | None:
     mask reads the values of exactly one input and it is such a 2-D input, not token ids (the
     indices of a Gather from a constant table); else None. Whether
     the mask uses it as a 0/1 padding mask is what classify_mask proves (MaskClass.padding)."""
-    program = _program(graph, mask, None)
+    program = extract(graph, mask, None)
     return None if program.problem is not None else _roles(graph, program).padding
 
 
@@ -272,465 +254,13 @@ def template(cls: MaskClass, query: int, key: int, padding: np.ndarray | None = 
     return keep
 
 
-# --------------------------------------------------------------------------- the mask program
-
-
-@dataclass
-class _ShapeFeed:
-    """An input of the program standing for Shape(x)[start:end] (or Size(x)) of a graph tensor."""
-
-    name: str  # input name in the program
-    dims: list  # x's dims (ints, symbols, expressions) when known symbolically
-    start: int | None
-    end: int | None
-    size: bool  # Size(x): the product
-    infer: "_ShapeInference | None" = None  # dims found by shape inference at each size
-
-
-@dataclass
-class _ShapeInference:
-    """x's ancestors without their weights, shape-inferred at concrete input sizes."""
-
-    model: onnx.ModelProto
-    target: str
-    inputs: list[tuple[str, list]]  # graph inputs: name, dims
-
-
-@dataclass
-class _Program:
-    problem: str | None = None
-    model_bytes: bytes = b""
-    fingerprint: str = ""
-    inputs: list = field(default_factory=list)  # graph inputs fed to the program (gs tensors)
-    shape_feeds: list[_ShapeFeed] = field(default_factory=list)
-    value_inputs: list[str] = field(default_factory=list)
-    shape_inputs: list[str] = field(default_factory=list)
-    int_constants: list[int] = field(default_factory=list)
-    dtype: int | None = None
-    session: object = None
-
-
-def _program(graph: Graph, mask: Tensor, model) -> _Program:
-    cache = _PROGRAM_CACHE.setdefault(graph, {})
-    hit = cache.get(id(mask))
-    if hit is not None and hit[0] is mask:
-        return hit[1]
-    program = _build(graph, mask, model)
-    cache[id(mask)] = (mask, program)
-    return program
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _input_dims(t: Tensor) -> list:
-    """A graph input's dims; an unknown dim becomes a symbol of its own (as in onnx_fuse.check)."""
-    return [f"?{t.name}:{axis}" if d is None else d for axis, d in enumerate(t.shape or ())]
-
-
-def _input_symbols(graph: Graph) -> dict[str, list[str]]:
-    """symbol -> names of the graph inputs whose dims name it."""
-    found: dict[str, list[str]] = {}
-    for t in graph.gs.inputs:
-        for d in _input_dims(t):
-            if isinstance(d, str):
-                for s in dim_symbols(d):
-                    found.setdefault(s, []).append(t.name)
-    return found
-
-
-def _resolvable(dims, symbols: dict) -> bool:
-    if dims is None:
-        return False
-    for d in dims:
-        if d is None:
-            return False
-        if isinstance(d, str) and not all(s in symbols for s in dim_symbols(d)):
-            return False
-    return True
-
-
-def _constant_size(t: gs.Constant) -> int:
-    return int(np.prod(t.shape, dtype=np.int64)) if t.shape is not None else 0
-
-
-def _is_heavy(t: gs.Constant) -> bool:
-    values = t._values
-    external = isinstance(values, gs.ir.tensor.LazyValues) and \
-        values.tensor.data_location == TensorProto.EXTERNAL
-    return external or _constant_size(t) > WEIGHT_BUDGET
-
-
-class _Walk:
-    """Ancestors of the mask, stopping at Shape/Size nodes (see _build)."""
-
-    def __init__(self, graph: Graph, limit: int | None = None):
-        self.graph = graph
-        self.limit = limit  # at most this many nodes (a trial walk gives up past it)
-        self.nodes: dict[int, gs.Node] = {}
-        self.value_seen: dict[int, gs.Node] = {}  # nodes walked in value context
-        self.order: list[gs.Node] = []  # post-order: producers before consumers
-        self.value_inputs: dict[str, Tensor] = {}
-        self.shape_inputs: dict[str, Tensor] = {}
-        self.constants: dict[int, gs.Constant] = {}
-        self.shape_feeds: dict[int, gs.Node] = {}  # Shape/Size nodes whose output is fed
-        self.inferred: set[int] = set()  # those of them whose shape needs shape inference
-        self.symbols = _input_symbols(graph)
-        self.budget = 0  # elements of the light constants walked
-        self.value_constants: set[int] = set()  # constants whose values the mask needs
-        self.shrink: set[int] = set()  # heavy tables computed only for a shape: stand-ins
-
-    def visit(self, root: Tensor, shape_only: bool) -> None:
-        """Post-order DFS from `root`. shape_only: the values found are only needed for a shape.
-        A node first met in a shape-only walk is walked again when its value turns out to be
-        needed, so that the graph inputs under it count as read by value."""
-        seen = self.nodes if shape_only else self.value_seen
-        stack = [(root, False)]
-        while stack:
-            tensor, expanded = stack.pop()
-            if isinstance(tensor, gs.Constant):
-                if id(tensor) not in self.constants:
-                    self.constants[id(tensor)] = tensor
-                    if not _is_heavy(tensor):
-                        self.budget += _constant_size(tensor)
-                if not shape_only:
-                    self.value_constants.add(id(tensor))
-                continue
-            node = tensor.inputs[0] if tensor.inputs else None
-            if node is None:
-                if not any(tensor is t for t in self.graph.gs.inputs):
-                    raise _Unsupported(f"the mask depends on '{tensor.name}', which nothing computes")
-                (self.shape_inputs if shape_only else self.value_inputs)[tensor.name] = tensor
-                continue
-            if id(node) in seen:
-                continue
-            if expanded:
-                if id(node) not in self.nodes:
-                    self.nodes[id(node)] = node
-                    self.order.append(node)
-                    if self.limit is not None and len(self.nodes) > self.limit:
-                        raise _Unsupported("too large to compute for a shape")
-                seen[id(node)] = node
-                continue
-            if node.op in _CONTROL_FLOW or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
-                raise _Unsupported(f"the mask subgraph contains control flow ({node.op} '{node.name}')")
-            if node.op in _RANDOM:
-                raise _Unsupported(f"the mask subgraph is random ({node.op} '{node.name}')")
-            if node.op in ("Shape", "Size") and not (node.domain or ""):
-                if id(node) not in self.nodes and id(node) not in self.shape_feeds:
-                    self._shape_of(node)
-                continue
-            stack.append((tensor, True))
-            for t in node.inputs:
-                if t.name:
-                    stack.append((t, False))
-
-    def _shape_of(self, node: gs.Node) -> None:
-        x = node.inputs[0]
-        if isinstance(x, gs.Constant):
-            self.nodes[id(node)] = node  # Shape of a constant: keep the node and the constant
-            self.order.append(node)
-            self.constants[id(x)] = x
-            return
-        if not x.inputs:  # a graph input: its declared dims at the size driven
-            self.shape_feeds[id(node)] = node
-            self.shape_inputs.setdefault(x.name, x)
-            return
-        dims = self.graph.shape(x)
-        if _resolvable(dims, self.symbols):
-            self.shape_feeds[id(node)] = node
-            for d in dims:
-                if isinstance(d, str):
-                    for s in dim_symbols(d):
-                        for name in self.symbols[s]:
-                            self.shape_inputs.setdefault(name, _input_named(self.graph, name))
-            return
-        # Compute x itself when that is cheap; otherwise infer its shape without the weights.
-        # The verdict is kept per tensor: a deep activation's shape is asked for by many Shape
-        # nodes, and walking its ancestors again each time made this quadratic.
-        verdicts = _SHAPE_ROUTES.setdefault(self.graph, {})
-        if id(x) not in verdicts:
-            trial = _Walk(self.graph, limit=TRIAL_NODES)
-            try:
-                trial.visit(x, shape_only=True)
-                heavy = [c for c in trial.constants.values() if _is_heavy(c)]
-                cheap = trial.budget <= WEIGHT_BUDGET and \
-                    all(_only_gathered(c, trial.nodes) for c in heavy)
-            except _Unsupported:
-                cheap, heavy = False, []
-                trial.value_inputs, trial.shape_inputs = _all_inputs(self.graph), {}
-            verdicts[id(x)] = (cheap, heavy, {**trial.value_inputs, **trial.shape_inputs})
-        cheap, heavy, inputs = verdicts[id(x)]
-        if cheap:
-            # x's values do not matter, only its shape: a heavy table that is only gathered from
-            # becomes a zero stand-in with fewer rows (a Gather's shape does not depend on them).
-            self.shrink.update(id(c) for c in heavy)
-            self.visit(x, shape_only=True)
-            self.nodes[id(node)] = node
-            self.order.append(node)
-            return
-        self.inferred.add(id(node))
-        self.shape_feeds[id(node)] = node
-        for name, t in inputs.items():
-            self.shape_inputs.setdefault(name, t)
-
-
-def _all_inputs(graph: Graph) -> dict[str, Tensor]:
-    """Every graph input: what an activation whose ancestry is too large to walk may read."""
-    return {t.name: t for t in graph.gs.inputs}
-
-
-def _only_gathered(c: gs.Constant, nodes: dict) -> bool:
-    """Every use of `c` among `nodes` is as the table of a Gather along axis 0."""
-    users = [n for n in c.outputs if id(n) in nodes]
-    return all(n.op == "Gather" and n.inputs[0] is c and n.attrs.get("axis", 0) == 0
-               and (c.shape or [0])[0] > 0 for n in users)
-
-
-def _stand_in(c: gs.Constant) -> onnx.TensorProto:
-    """Zeros shaped like `c` with at most STAND_IN_ROWS rows, of c's element type."""
-    values = c._values
-    elem = values.tensor.data_type if isinstance(values, gs.ir.tensor.LazyValues) else onnx_dtype(c)
-    dims = [min(int(c.shape[0]), STAND_IN_ROWS), *[int(d) for d in c.shape[1:]]]
-    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
-    proto = onnx.TensorProto()
-    proto.dims.extend(dims)
-    proto.data_type = elem
-    proto.raw_data = bytes(int(np.prod(dims, dtype=np.int64)) * itemsize)
-    return proto
-
-
-def _input_named(graph: Graph, name: str) -> Tensor:
-    return next(t for t in graph.gs.inputs if t.name == name)
-
-
-def _build(graph: Graph, mask: Tensor, model) -> _Program:
-    """The mask program; a program whose `problem` says why it cannot be evaluated keeps the
-    dependencies found up to there."""
-    walk, program = _Walk(graph), _Program()
-    try:
-        if isinstance(mask, gs.Constant):
-            walk.constants[id(mask)] = mask
-        else:
-            walk.visit(mask, shape_only=False)
-        program.dtype = onnx_dtype(mask)
-        if program.dtype is None:
-            raise _Unsupported(f"the mask '{mask.name}' has no known element type")
-        if not mask.inputs and not isinstance(mask, gs.Constant):
-            raise _Unsupported(f"the mask is the graph input '{mask.name}': its values are the caller's")
-        _emit(graph, mask, model, walk, program)
-    except _Unsupported as e:
-        program.problem = str(e)
-    program.value_inputs = list(walk.value_inputs)
-    program.shape_inputs = [n for n in walk.shape_inputs if n not in walk.value_inputs]
-    return program
-
-
-def _emit(graph: Graph, mask: Tensor, model, walk: _Walk, program: _Program) -> None:
-    """Write the walked subgraph as a model (program.model_bytes and its feeds)."""
-
-    # Canonical names, so that identical subgraphs (a mask each layer recomputes) serialize
-    # identically and share one evaluation.
-    names: dict[int, str] = {}
-    inputs = {**walk.value_inputs, **{n: t for n, t in walk.shape_inputs.items() if n not in walk.value_inputs}}
-    ordered_inputs = [t for t in graph.gs.inputs if t.name in inputs]
-    for t in ordered_inputs:
-        names[id(t)] = t.name
-
-    def name_of(t: Tensor, prefix: str) -> str:
-        if id(t) not in names:
-            names[id(t)] = f"{prefix}{len(names)}"
-        return names[id(t)]
-
-    initializers, nodes, feeds = [], [], []
-    constants_seen: set[int] = set()
-    int_constants: set[int] = set()
-
-    def add_constant(c: gs.Constant) -> None:
-        if id(c) in constants_seen:
-            return
-        constants_seen.add(id(c))
-        shrink = id(c) in walk.shrink and id(c) not in walk.value_constants
-        proto = _stand_in(c) if shrink else _constant_proto(c)
-        proto.name = name_of(c, "c")
-        initializers.append(proto)
-        _collect_ints(c, int_constants)
-
-    for c in walk.constants.values():
-        add_constant(c)
-    for node in walk.order:
-        if id(node) in walk.shape_feeds:
-            continue
-        proto = onnx.NodeProto()
-        proto.CopyFrom(_export_node(node))
-        proto.name = ""
-        del proto.input[:]
-        del proto.output[:]
-        for t in node.inputs:
-            if not t.name:
-                proto.input.append("")
-                continue
-            if isinstance(t, gs.Constant):
-                add_constant(t)
-            proto.input.append(name_of(t, "t"))
-        proto.output.extend(name_of(t, "t") for t in node.outputs)
-        if node.op == "Constant":
-            _collect_node_ints(node, int_constants)
-        nodes.append(proto)
-    for node in walk.shape_feeds.values():
-        feed = _shape_feed(graph, node, name_of(node.outputs[0], "shape"), id(node) in walk.inferred)
-        feeds.append(feed)
-    if isinstance(mask, gs.Constant):
-        out_name = names[id(mask)]
-    else:
-        out_name = names.get(id(mask)) or name_of(mask, "t")
-        if out_name not in [o for n in nodes for o in n.output] and \
-                out_name not in [f.name for f in feeds]:
-            raise _Unsupported("internal: the mask tensor was not reached")
-
-    graph_inputs = []
-    for t in ordered_inputs:
-        elem = onnx_dtype(t)
-        shape = [d if isinstance(d, int) else None for d in (t.shape or [])]
-        graph_inputs.append(helper.make_tensor_value_info(t.name, elem, shape))
-    for f in feeds:
-        graph_inputs.append(helper.make_tensor_value_info(f.name, TensorProto.INT64, None if f.size else [None]))
-    outputs = [helper.make_tensor_value_info(out_name, program.dtype, None)]
-    if out_name in [f.name for f in feeds] or isinstance(mask, gs.Constant) and not nodes:
-        # A graph output may not be an input or an initializer: pass it through an Identity.
-        nodes.append(helper.make_node("Identity", [out_name], ["mask_out"]))
-        outputs = [helper.make_tensor_value_info("mask_out", program.dtype, None)]
-    g = helper.make_graph(nodes, "mask", graph_inputs, outputs, initializers)
-    opsets = [helper.make_opsetid(domain, version) for domain, version in graph.opsets.items()]
-    sub = helper.make_model(g, opset_imports=opsets)
-    sub.ir_version = max(helper.find_min_ir_version_for(opsets, True), 8,
-                         model.ir_version if model is not None else 0)
-    if model is not None:
-        sub.functions.extend(model.functions)  # local functions the mask nodes may call
-    program.model_bytes = sub.SerializeToString()
-    program.inputs = ordered_inputs
-    program.shape_feeds = feeds
-    program.int_constants = sorted(int_constants)
-    digest = hashlib.sha1(program.model_bytes)
-    for f in feeds:
-        digest.update(repr((f.name, f.dims, f.start, f.end, f.size)).encode())
-        if f.infer is not None:
-            digest.update(f.infer.target.encode() + f.infer.model.SerializeToString())
-    program.fingerprint = digest.hexdigest()
-
-
-def _export_node(node: gs.Node) -> onnx.NodeProto:
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
-    return OnnxExporter.export_node(node)
-
-
-def _constant_proto(c: gs.Constant) -> onnx.TensorProto:
-    values = c._values
-    if isinstance(values, gs.ir.tensor.LazyValues):
-        if values.tensor.data_location == TensorProto.EXTERNAL:
-            raise _Unsupported(f"the mask subgraph needs '{c.name}', stored outside the model")
-        proto = onnx.TensorProto()
-        proto.CopyFrom(values.tensor)
-        return proto
-    return numpy_helper.from_array(np.asarray(c.values), c.name)
-
-
-def _small_ints(values, found: set[int]) -> None:
-    array = np.asarray(values)
-    if array.size > 64 or array.dtype.kind not in "iu":
-        return
-    for v in array.reshape(-1).tolist():
-        if 2 < abs(v) < (1 << 20):
-            found.add(abs(int(v)))
-
-
-def _collect_ints(c: gs.Constant, found: set[int]) -> None:
-    if _constant_size(c) <= 64:
-        try:
-            _small_ints(c.values, found)
-        except Exception:  # values of an exotic type: no hint from it
-            pass
-
-
-def _collect_node_ints(node: gs.Node, found: set[int]) -> None:
-    for key, value in node.attrs.items():
-        if isinstance(value, gs.Constant):
-            _collect_ints(value, found)
-        elif key in ("value_int", "value_ints"):
-            _small_ints(np.array(value, dtype=np.int64), found)
-
-
-def _shape_feed(graph: Graph, node: gs.Node, name: str, infer: bool) -> _ShapeFeed:
-    x = node.inputs[0]
-    size = node.op == "Size"
-    start, end = (None, None) if size else (node.attrs.get("start"), node.attrs.get("end"))
-    if not infer:
-        dims = _input_dims(x) if not x.inputs else list(graph.shape(x))
-        return _ShapeFeed(name, dims, start, end, size)
-    return _ShapeFeed(name, [], start, end, size, infer=_shape_inference(graph, x))
-
-
-def _shape_inference(graph: Graph, x: Tensor) -> _ShapeInference:
-    """x's ancestors as a model whose weights are typed inputs without data (small constants
-    stay, since shape inference propagates their values)."""
-    seen, stack = set(), [x]
-    initializers, extra_inputs = {}, {}
-    graph_inputs = {}
-    while stack:
-        t = stack.pop()
-        if isinstance(t, gs.Constant):
-            if _is_heavy(t):
-                extra_inputs[t.name] = helper.make_tensor_value_info(t.name, onnx_dtype(t), list(t.shape))
-            else:
-                initializers[t.name] = _constant_proto(t)
-                initializers[t.name].name = t.name
-            continue
-        node = t.inputs[0] if t.inputs else None
-        if node is None:
-            graph_inputs[t.name] = t
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op in _CONTROL_FLOW:
-            raise _Unsupported(f"the shape of '{x.name}' passes through control flow")
-        stack.extend(i for i in node.inputs if i.name)
-    order = [n for n in graph.gs.nodes if id(n) in seen]  # graph order is topological
-    protos = [_export_node(n) for n in order]
-    inputs = [(t.name, _input_dims(t)) for t in graph.gs.inputs if t.name in graph_inputs]
-    value_infos = [helper.make_tensor_value_info(n, onnx_dtype(graph_inputs[n]), None) for n, _ in inputs]
-    g = helper.make_graph(protos, "shape", value_infos + list(extra_inputs.values()),
-                          [helper.make_tensor_value_info(x.name, onnx_dtype(x) or TensorProto.FLOAT, None)],
-                          list(initializers.values()))
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in graph.opsets.items()])
-    return _ShapeInference(model, x.name, inputs)
-
-
-def _inferred_dims(inference: _ShapeInference, values: dict[str, int]) -> list[int]:
-    model = onnx.ModelProto()
-    model.CopyFrom(inference.model)
-    for vi in model.graph.input:
-        dims = dict(inference.inputs).get(vi.name)
-        if dims is None:
-            continue
-        concrete = [d if isinstance(d, int) else eval_dim(d, values) for d in dims]
-        vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, concrete))
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.name == inference.target:
-            dims = vi.type.tensor_type.shape.dim
-            if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-                return [d.dim_value for d in dims]
-    raise _Unsupported(f"shape inference does not find the shape of '{inference.target}'")
-
-
 # --------------------------------------------------------------------------- driving sizes
 
 
 @dataclass
 class _Roles:
+    """What the graph input dims stand for, as the size driver gives them sizes."""
+
     batch: str | int | None = None
     seq: str | int | None = None
     past: str | None = None
@@ -771,17 +301,18 @@ def _indexes_a_table(tensor: Tensor) -> bool:
     return False
 
 
-def _roles(graph: Graph, program: _Program) -> _Roles:
+def _roles(graph: Graph, program: Program) -> _Roles:
+    """Tell the batch, query, past and total-length symbols (and the padding input) apart."""
     roles = _Roles()
     inputs = list(graph.gs.inputs)
     padding = None
     if len(program.value_inputs) == 1:
-        t = _input_named(graph, program.value_inputs[0])
-        if len(_input_dims(t)) == 2 and not _indexes_a_table(t):
+        t = input_named(graph, program.value_inputs[0])
+        if len(input_dims(t)) == 2 and not _indexes_a_table(t):
             padding = t
     roles.padding = padding
     for t in inputs:
-        dims = _input_dims(t)
+        dims = input_dims(t)
         if len(dims) >= 2 and roles.batch is None and (_simple(dims[0]) or isinstance(dims[0], int)):
             roles.batch = dims[0]
         is_float = onnx_dtype(t) in _FLOAT_TYPES
@@ -792,14 +323,14 @@ def _roles(graph: Graph, program: _Program) -> _Roles:
                 roles.fixed[dims[2]] = roles.fixed[dims[3]] = _IMAGE_SIDE
     # The query length: dim 1 of a 2-D or 3-D input that is not the padding mask.
     for t in inputs:
-        dims = _input_dims(t)
+        dims = input_dims(t)
         if t is padding or len(dims) not in (2, 3):
             continue
         if (_simple(dims[1]) or isinstance(dims[1], int)) and dims[1] != roles.past:
             roles.seq = dims[1]
             break
     if padding is not None:
-        width = _input_dims(padding)[1]
+        width = input_dims(padding)[1]
         if roles.seq is None:
             roles.seq = width
         elif _simple(width) and width != roles.seq:
@@ -807,19 +338,20 @@ def _roles(graph: Graph, program: _Program) -> _Roles:
     known = {roles.batch, roles.seq, roles.past, *roles.fixed, *roles.total}
     # Other symbols: a mask-like width (dim 1 of a 2-D input that is not token ids) is most
     # likely past + query; any other gets a size of its own first.
-    widths = {_input_dims(t)[1] for t in inputs
-              if len(_input_dims(t)) == 2 and not _indexes_a_table(t)}
+    widths = {input_dims(t)[1] for t in inputs
+              if len(input_dims(t)) == 2 and not _indexes_a_table(t)}
     for t in inputs:
-        for d in _input_dims(t):
+        for d in input_dims(t):
             if isinstance(d, str):
                 for s in dim_symbols(d):
                     if s not in known and s not in [f for f, _ in roles.free]:
                         roles.free.append((s, d in widths or
-                                           padding is not None and d in _input_dims(padding)))
+                                           padding is not None and d in input_dims(padding)))
     return roles
 
 
-def _sizes(roles: _Roles, program: _Program) -> list[tuple[int, int, int]]:
+def _sizes(roles: _Roles) -> list[tuple[int, int, int]]:
+    """The base (batch, query, past) sizes (BASE_SIZES) as the roles allow them."""
     def pick(value, wanted):
         return value if isinstance(value, int) else wanted
 
@@ -832,7 +364,7 @@ def _sizes(roles: _Roles, program: _Program) -> list[tuple[int, int, int]]:
     return sizes
 
 
-def _probe(roles: _Roles, program: _Program, sizes) -> tuple[int, int, int] | None:
+def _probe(roles: _Roles, program: Program, sizes) -> tuple[int, int, int] | None:
     """One size longer than every integer constant of the mask subgraph (a window width would be
     one), when the roles let the length vary and the mask stays affordable."""
     longest = max(p + s for _, s, p in sizes)
@@ -853,6 +385,8 @@ def _probe(roles: _Roles, program: _Program, sizes) -> tuple[int, int, int] | No
 
 
 def _assignments(roles: _Roles, size: tuple[int, int, int]):
+    """Values of the input dims' symbols for one (batch, query, past) size: a few candidates,
+    one per choice of size for the symbols whose role is unknown."""
     b, s, p = size
     values = dict(roles.fixed)
     if isinstance(roles.batch, str):
@@ -872,7 +406,7 @@ def _assignments(roles: _Roles, size: tuple[int, int, int]):
         yield {**values, **{sym: v for (sym, _), v in zip(roles.free, combo)}}
 
 
-def _padding_rows(batch: int, width: int, holes: bool) -> np.ndarray:
+def _padding_rows(batch: int, width: int) -> np.ndarray:
     """Row 0 unpadded, then left padding of 1 and of about half, then a row with holes; batch 1
     gets left padding of 2."""
     mask = np.ones((batch, width), dtype=np.int64)
@@ -883,32 +417,24 @@ def _padding_rows(batch: int, width: int, holes: bool) -> np.ndarray:
             mask[r, : min(1, width - 1)] = 0
         elif r % 4 == 2:
             mask[r, : min(max(2, width // 2), width - 1)] = 0
-        elif r % 4 == 3 and holes:
+        elif r % 4 == 3:
             mask[r, 1 : width - 1 : 2] = 0
     return mask
 
 
-def _feeds(graph: Graph, program: _Program, roles: _Roles, values: dict[str, int],
-           pad: bool = True):
+def _feeds(program: Program, roles: _Roles, values: dict[str, int], pad: bool = True):
     """Inputs of the program at one size assignment. pad=False: the padding input all ones (the
     long probe looks for a window, which left padding could hide)."""
     feeds, padding = {}, None
     for t in program.inputs:
-        shape = [d if isinstance(d, int) else eval_dim(d, values) for d in _input_dims(t)]
+        shape = [d if isinstance(d, int) else eval_dim(d, values) for d in input_dims(t)]
         dtype = _np_dtype(onnx_dtype(t))
         if roles.padding is not None and t is roles.padding:
-            padding = _padding_rows(shape[0], shape[1], holes=True) if pad else \
-                np.ones(shape, dtype=np.int64)
+            padding = _padding_rows(shape[0], shape[1]) if pad else np.ones(shape, dtype=np.int64)
             feeds[t.name] = padding.astype(dtype)
         else:
             feeds[t.name] = np.zeros(shape, dtype=dtype)
-    for f in program.shape_feeds:
-        dims = _inferred_dims(f.infer, values) if f.infer is not None else \
-            [d if isinstance(d, int) else eval_dim(d, values) for d in f.dims]
-        if f.size:
-            feeds[f.name] = np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
-        else:
-            feeds[f.name] = np.array(dims[slice(f.start, f.end)], dtype=np.int64)
+    feeds.update(shape_feed_values(program, values))
     return feeds, padding
 
 
@@ -918,16 +444,6 @@ def _np_dtype(onnx_type: int):
 
         return ml_dtypes.bfloat16
     return helper.tensor_dtype_to_np_dtype(onnx_type)
-
-
-def _session(program: _Program):
-    """The program's onnxruntime session; raises _Unsupported if onnxruntime rejects it."""
-    if program.session is None:
-        try:
-            program.session = runtime.session(program.model_bytes)
-        except Exception as e:  # onnxruntime raises many types
-            raise _Unsupported(f"onnxruntime cannot load the mask subgraph: {first_line(e)}") from e
-    return program.session
 
 
 # --------------------------------------------------------------------------- classifying
@@ -948,7 +464,7 @@ def _dim_key(graph: Graph, spec):
     if spec is not None and not isinstance(spec, (int, str)):
         shape = graph.shape(spec)
         spec = None if not shape else shape[-2]
-    if isinstance(spec, str) and not _resolvable([spec], _input_symbols(graph)):
+    if isinstance(spec, str) and not resolvable([spec], input_symbols(graph)):
         return None
     return spec
 
@@ -973,14 +489,14 @@ def _visible(values: np.ndarray, drop: bool) -> np.ndarray | str:
     return visible
 
 
-def _classify(graph: Graph, program: _Program, query_len, key_len, drop: bool) -> MaskClass:
+def _classify(graph: Graph, program: Program, query_len, key_len, drop: bool) -> MaskClass:
     roles = _roles(graph, program)
     value_inputs = program.value_inputs
     if value_inputs and roles.padding is None:
         names = ", ".join(f"'{n}'" for n in value_inputs)
         return _arbitrary(f"the mask reads the values of {names}, not of one 2-D padding mask")
     constant = not program.inputs and not program.shape_feeds
-    sizes = [(0, 0, 0)] if constant else _sizes(roles, program)
+    sizes = [(0, 0, 0)] if constant else _sizes(roles)
     probe = None if constant else _probe(roles, program, sizes)
     evaluations, notes = [], []
     for size in sizes:
@@ -1007,15 +523,15 @@ def _evaluate(graph, program, roles, size, drop, query_len, key_len, strict):
     mask of the sizes asked for; the probe (not strict) may fail, which leaves it out (None or a
     string: the mask cannot be computed that long, e.g. a baked buffer is shorter)."""
     try:
-        session = _session(program)
-    except _Unsupported as e:
+        session = session_of(program)
+    except Unsupported as e:
         return str(e)
     error = None
     for values in _assignments(roles, size):
         try:
-            feeds, padding = _feeds(graph, program, roles, values, pad=strict)
+            feeds, padding = _feeds(program, roles, values, pad=strict)
             (out,) = session.run(None, feeds)
-        except _Unsupported as e:
+        except Unsupported as e:
             return str(e)
         except Exception as e:  # onnxruntime raises many types: try the next assignment
             error = e
@@ -1027,7 +543,7 @@ def _evaluate(graph, program, roles, size, drop, query_len, key_len, strict):
         visible = _visible(out, drop)
         if isinstance(visible, str):
             return visible
-        b, s, p = size
+        _, s, p = size
         for what, spec, axis in (("query", query_len, 2), ("key", key_len, 3)):
             expected = _expected_dim(graph, spec, values)
             if expected is not None and out.shape[axis] not in (1, expected):
@@ -1064,8 +580,6 @@ def _expected_dim(graph: Graph, spec, values: dict[str, int]) -> int | None:
         return None
 
 
-
-
 def _match(evaluations: list[_Evaluation], roles: _Roles, notes: list[str]) -> MaskClass:
     """The first template that reproduces every evaluation."""
     pad_name = roles.padding.name if roles.padding is not None else None
@@ -1073,9 +587,6 @@ def _match(evaluations: list[_Evaluation], roles: _Roles, notes: list[str]) -> M
                     e.visible.shape[2], e.visible.shape[3]) for e in evaluations)
     note = "; ".join(["matched at (batch, query, key) sizes " + ", ".join(map(str, proven)), *notes])
     empty = any(bool((~e.visible).all(axis=-1).any()) for e in evaluations)
-
-    def full(e: _Evaluation, template: np.ndarray) -> bool:
-        return _equal(e.visible, template)
 
     def keys(e: _Evaluation) -> np.ndarray:
         """[B|1, 1, 1, Skv] padding visibility (all visible without a padding input)."""
@@ -1095,7 +606,7 @@ def _match(evaluations: list[_Evaluation], roles: _Roles, notes: list[str]) -> M
     if all(e.visible.all() for e in evaluations):
         return make("none")
     has_padding = roles.padding is not None and all(keys(e) is not None for e in evaluations)
-    if has_padding and all(full(e, keys(e)) for e in evaluations):
+    if has_padding and all(_equal(e.visible, keys(e)) for e in evaluations):
         return make("padding", padding=True, padding_input=pad_name)
 
     # Causal and sliding-window templates, both alignments, with and without padding.

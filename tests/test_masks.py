@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphs import GraphBuilder
-from onnx_fuse import masks
+from onnx_fuse import mask_program, masks
 from onnx_fuse.check import ModelRef, synthesize_inputs
 from onnx_fuse.graph import Graph, onnx_dtype
 from onnx_fuse.masks import (classify_mask, depends_on_padding, evaluate_mask, mask_dependencies,
@@ -437,7 +437,7 @@ def shape_of_embeddings_mask(project):
 
 
 def program_of(graph, mask):
-    return masks._program(graph, mask, None)
+    return mask_program.extract(graph, mask, None)
 
 
 def test_shape_of_an_intermediate_is_computed_from_its_ancestors():
@@ -449,8 +449,8 @@ def test_shape_of_an_intermediate_is_computed_from_its_ancestors():
 
 
 def test_heavy_gathered_table_becomes_a_zero_stand_in(monkeypatch):
-    monkeypatch.setattr(masks, "WEIGHT_BUDGET", 16)
-    monkeypatch.setattr(masks, "STAND_IN_ROWS", 8)
+    monkeypatch.setattr(mask_program, "WEIGHT_BUDGET", 16)
+    monkeypatch.setattr(mask_program, "STAND_IN_ROWS", 8)
     graph, mask = shape_of_embeddings_mask(project=False)
     assert classify_mask(graph, mask).kind == "causal_upper_left"
     big = [t for t in onnx.load_from_string(program_of(graph, mask).model_bytes).graph.initializer
@@ -460,7 +460,7 @@ def test_heavy_gathered_table_becomes_a_zero_stand_in(monkeypatch):
 
 
 def test_other_heavy_weights_are_replaced_by_shape_inference(monkeypatch):
-    monkeypatch.setattr(masks, "WEIGHT_BUDGET", 16)
+    monkeypatch.setattr(mask_program, "WEIGHT_BUDGET", 16)
     graph, mask = shape_of_embeddings_mask(project=True)
     assert classify_mask(graph, mask).kind == "causal_upper_left"
     program = program_of(graph, mask)
@@ -471,11 +471,11 @@ def test_other_heavy_weights_are_replaced_by_shape_inference(monkeypatch):
 def test_real_export_with_heavy_embeddings(monkeypatch):
     """BERT (TorchScript) sizes its mask by Shape(LayerNorm(embeddings)), whose dims shape
     inference leaves unnamed: with the tables over budget it is still proven padding."""
-    monkeypatch.setattr(masks, "WEIGHT_BUDGET", 1000)
+    monkeypatch.setattr(mask_program, "WEIGHT_BUDGET", 1000)
     graph, model, found = model_masks("bert_encoder_eager_torchscript.onnx")
     c = masks.classify_mask_spec(graph, found[0])
     assert (c.kind, c.padding) == ("padding", True)
-    program = onnx.load_from_string(masks._program(graph, found[0].tensor, None).model_bytes)
+    program = onnx.load_from_string(mask_program.extract(graph, found[0].tensor, None).model_bytes)
     heavy = [t for t in program.graph.initializer if np.prod(t.dims) > 1000]
     assert heavy and all(not onnx.numpy_helper.to_array(t).any() for t in heavy)
 
