@@ -1,6 +1,7 @@
 """Mutation fuzzing: the committed exports with one seeded change inside an attention subgraph
 (a node dropped, an input rewired, the scale or a mask constant changed, the operands of a
-non-commutative op swapped, the softmax axis or the key transpose changed).
+non-commutative op swapped, the softmax axis or the key transpose changed) or inside a RoPE
+application (a Neg dropped, halves swapped, cos and sin exchanged, a slice bound moved).
 
 For every mutant that still runs, `fuse` must either fuse it correctly or leave the core unfused
 with a reason: the model it returns is checked again here on other inputs. Raising CheckFailed
@@ -27,8 +28,11 @@ MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "models")
 SOURCES = ["llama-gqa_prefill_eager_torchscript.onnx", "llama-gqa_decode_sdpa_dynamo.onnx",
            "gpt2_decode_eager_torchscript.onnx", "bert_encoder_sdpa_torchscript.onnx",
            "qwen2-gqa_prefill_sdpa_dynamo.onnx", "gpt2_prefill_eager_dynamo.onnx"]
+ROPE_SOURCES = ["llama-gqa_decode_eager_torchscript.onnx", "qwen2-gqa_prefill_sdpa_dynamo.onnx",
+                "gptj_prefill_eager_torchscript.onnx", "phi3-partial_decode_eager_dynamo.onnx"]
 SEED = 20240611
 MUTANTS = 30  # mutants that still run (the CI budget: well under a minute on 2 cores)
+ROPE_MUTANTS = 20
 MAX_TRIES = 80
 TIME_BUDGET_S = 40.0
 
@@ -95,12 +99,12 @@ class Editor:
         self.nodes.remove(node)
 
 
-def mutate(model: onnx.ModelProto, rng: random.Random, kind: str) -> str:
-    """Apply one mutation of `kind` in place; a short description."""
+def mutate(model: onnx.ModelProto, rng: random.Random, kind: str, anchor: str = "Softmax") -> str:
+    """Apply one mutation of `kind` in place, near a node of op type `anchor`; a description."""
     ed = Editor(model)
-    softmaxes = [n for n in ed.nodes if n.op_type == "Softmax"]
+    softmaxes = [n for n in ed.nodes if n.op_type == anchor]
     if not softmaxes:
-        raise Mutant("no softmax")
+        raise Mutant(f"no {anchor}")
     softmax = rng.choice(softmaxes)
     chain = ed.core(softmax)
     where = f"near {softmax.name or softmax.output[0]}"
@@ -165,6 +169,16 @@ def mutate(model: onnx.ModelProto, rng: random.Random, kind: str) -> str:
         else:
             softmax.attribute.append(onnx.helper.make_attribute("axis", axis))
         return f"softmax axis {axis} {where}"
+    if kind == "slice_bound":
+        options = [(n, i) for n in chain if n.op_type == "Slice" for i in (1, 2)
+                   if (v := ed.value(n.input[i])) is not None and v.size == 1
+                   and abs(int(v.reshape(-1)[0])) < 1 << 20]
+        if not options:
+            raise Mutant("no constant slice bound")
+        node, i = rng.choice(options)
+        value = ed.value(node.input[i])
+        ed.set_input_constant(node, i, value + rng.choice([-1, 1]))
+        return f"slice {'start' if i == 1 else 'end'} {int(value.reshape(-1)[0])} moved by one {where}"
     if kind == "perm":
         options = [n for n in chain if n.op_type == "Transpose"
                    and any(a.name == "perm" and len(a.ints) == 4 for a in n.attribute)]
@@ -196,20 +210,23 @@ def _downstream(ed: Editor, node, tensor: str) -> bool:
     return False
 
 
-def test_mutants_are_fused_correctly_or_left_alone():
+def fuzz(sources, kinds, anchor, mutants, fuse_options=None):
+    """Mutate, fuse and re-check until `mutants` mutants ran (or the budget is spent); returns
+    the tally. Fails on any returned model that disagrees with its mutant, and on any `anchor`
+    left in a result without a reason."""
     rng = random.Random(SEED)
-    originals = {name: onnx.load(os.path.join(MODELS, name)) for name in SOURCES}
+    originals = {name: onnx.load(os.path.join(MODELS, name)) for name in sources}
     tally, wrong, net, log = Counter(), [], [], []
     started = time.perf_counter()
     tries = 0
-    while tally["ran"] < MUTANTS and tries < MAX_TRIES and time.perf_counter() - started < TIME_BUDGET_S:
+    while tally["ran"] < mutants and tries < MAX_TRIES and time.perf_counter() - started < TIME_BUDGET_S:
         tries += 1
-        name = rng.choice(SOURCES)
-        kind = rng.choice(KINDS)
+        name = rng.choice(sources)
+        kind = rng.choice(kinds)
         model = onnx.ModelProto()
         model.CopyFrom(originals[name])
         try:
-            what = mutate(model, rng, kind)
+            what = mutate(model, rng, kind, anchor)
         except Mutant:
             tally["not applicable"] += 1
             continue
@@ -223,7 +240,7 @@ def test_mutants_are_fused_correctly_or_left_alone():
         tally["ran"] += 1
         label = f"{name}: {what}"
         try:
-            result = onnx_fuse.fuse(model, check=True)
+            result = onnx_fuse.fuse(model, check=True, **(fuse_options or {}))
         except CheckFailed as exc:
             tally["check failed (net needed)"] += 1
             net.append(f"{label}: {exc}")
@@ -245,19 +262,32 @@ def test_mutants_are_fused_correctly_or_left_alone():
         else:
             tally["left unfused"] += 1
             assert result.model is model
-        # Every attention core left in the result was reported with a reason.
+        # Every candidate left in the result was reported with a reason.
         reported = {u["anchor"] for u in result.report["unfused"] if u["reason"]}
         for node in result.model.graph.node:
-            if node.op_type == "Softmax":
-                anchor = f"Softmax '{node.name or node.output[0]}'"
-                assert anchor in reported, f"{label}: {anchor} neither fused nor reported"
-                tally["cores left unfused, with a reason"] += 1
+            if node.op_type == anchor:
+                label_anchor = f"{anchor} '{node.name or node.output[0]}'"
+                assert label_anchor in reported, f"{label}: {label_anchor} neither fused nor reported"
+                tally["candidates left unfused, with a reason"] += 1
         log.append(f"{label}: counts {result.report['counts']}")
-    print(f"\nmutation fuzz: {tries} tries in {time.perf_counter() - started:.1f}s: {dict(tally)}")
+    print(f"\nmutation fuzz near {anchor}: {tries} tries in {time.perf_counter() - started:.1f}s: "
+          f"{dict(tally)}")
     for line in log:
         print(f"  {line}")
     for line in net:
         print(f"  safety net: {line}")
     assert not wrong, "fuse returned wrong models:\n" + "\n".join(wrong)
+    return tally
+
+
+def test_attention_mutants_are_fused_correctly_or_left_alone():
+    tally = fuzz(SOURCES, KINDS, "Softmax", MUTANTS)
     assert tally["ran"] >= 10, tally
+
+
+def test_rope_mutants_are_fused_correctly_or_left_alone():
+    # Dropped Negs, swapped halves, cos and sin exchanged, slice bounds off by one, scaled tables.
+    tally = fuzz(ROPE_SOURCES, ["drop", "swap", "rewire", "scale", "slice_bound"], "Neg",
+                 ROPE_MUTANTS, {"max_positions": 64})
+    assert tally["ran"] >= 8, tally
 
