@@ -111,13 +111,9 @@ class Graph:
             if inferred is not None:
                 if len(inferred) != len(derived):
                     continue
-                derived = [i if isinstance(i, int) or not isinstance(d, int) and i is not None
-                           else d for i, d in zip(inferred, derived)]
+                derived = [_merge_dim(i, d) for i, d in zip(inferred, derived)]
             self._shapes[id(out)] = tuple(derived)
 
-    @staticmethod
-    def dtype(tensor: Tensor):
-        return tensor.dtype
 
     # --- constant values -------------------------------------------------------------------
 
@@ -134,17 +130,6 @@ class Graph:
                 value = None
             self._values[key] = value
         return self._values[key]
-
-    def scalar(self, tensor: Tensor) -> float | None:
-        """A constant whose elements are all one number (a broadcast scalar), as float."""
-        value = self.value(tensor)
-        if value is None or value.size == 0 or value.dtype == object:
-            return None
-        flat = value.reshape(-1)
-        first = flat[0]
-        if not np.all(flat == first):
-            return None
-        return float(first)
 
     def dims(self, tensor: Tensor) -> list[int | str | None] | None:
         """A 1-D int tensor's elements where known (symbolic dims by name): shape vectors built
@@ -275,7 +260,15 @@ _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "And", "Or", "Equ
 _DERIVED = _SAME_SHAPE | _BROADCAST | {"Transpose", "MatMul", "Reshape", "Expand", "Slice", "Concat"}  # see _derive_shape
 
 
-def _broadcast(shapes: list[tuple]) -> tuple:
+def _merge_dim(inferred, derived):
+    """Shape inference's dim unless it is not static and the graph's constants say it is."""
+    if isinstance(inferred, int) or not isinstance(derived, int) and inferred is not None:
+        return inferred
+    return derived
+
+
+def broadcast_shape(shapes: list[tuple]) -> tuple:
+    """The numpy-style broadcast of shapes whose dims may be symbolic or unknown."""
     rank = max(len(s) for s in shapes)
     out = []
     for i in range(rank):
@@ -311,14 +304,14 @@ def _derive_shape(graph: Graph, node: Node) -> tuple | None:
     if node.op in _SAME_SHAPE:
         return shapes[0]
     if node.op in _BROADCAST:
-        return None if any(s is None for s in shapes) else _broadcast(shapes)
+        return None if any(s is None for s in shapes) else broadcast_shape(shapes)
     if node.op == "Transpose" and shapes[0] is not None:
         perm = node.attrs.get("perm") or list(reversed(range(len(shapes[0]))))
         return tuple(shapes[0][p] for p in perm)
     if node.op == "MatMul" and shapes[0] is not None and shapes[1] is not None:
         a, b = shapes
         if len(a) >= 2 and len(b) >= 2:
-            return _broadcast([a[:-2], b[:-2]]) + (a[-2], b[-1])
+            return broadcast_shape([a[:-2], b[:-2]]) + (a[-2], b[-1])
         return None
     if node.op == "Reshape":
         target = graph.dims(node.inputs[1])
@@ -337,7 +330,7 @@ def _derive_shape(graph: Graph, node: Node) -> tuple | None:
         return tuple(out)
     if node.op == "Expand" and shapes[0] is not None:
         target = graph.dims(node.inputs[1])
-        return None if target is None else _broadcast([shapes[0], tuple(target)])
+        return None if target is None else broadcast_shape([shapes[0], tuple(target)])
     if node.op == "Concat" and shapes and all(s is not None for s in shapes):
         rank = len(shapes[0])
         if any(len(s) != rank for s in shapes):

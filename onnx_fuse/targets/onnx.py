@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from ..graph import Tensor, _broadcast, onnx_dtype
+from ..graph import Tensor, broadcast_shape, onnx_dtype
 from ..masks import mask_identity
 from ..rewrite import Rewrite
 from ..specs import AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
@@ -76,7 +76,7 @@ def attention_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     with dims -2 and -1 equal to the query and key lengths."""
     mask: MaskSpec = spec.mask
     shapes = [t.shape for t in (mask.tensor, mask.bias) if t is not None]
-    shape = () if any(s is None for s in shapes) else _broadcast([tuple(s) for s in shapes])
+    shape = () if any(s is None for s in shapes) else broadcast_shape([tuple(s) for s in shapes])
     # Layers whose masks compute the same values share one (the first layer's).
     identity = mask_identity(rw.graph, mask.tensor) if mask.bias is None else None
     key = ("attention_mask", mask.kind, identity or id(mask.tensor), mask.fill, id(mask.bias),
