@@ -40,7 +40,7 @@ class Graph:
         self.gs = gs.import_onnx(model)
         self._by_op: dict[str, list[Node]] | None = None
         self._values: dict[int, np.ndarray | None] = {}
-        self._used_names = _names(model.graph)
+        self._fresh = FreshNames(model.graph)
         self._output_ids = {id(t) for t in self.gs.outputs}
         self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
         self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
@@ -70,12 +70,7 @@ class Graph:
         return id(tensor) in self._output_ids
 
     def fresh_name(self, prefix: str) -> str:
-        name, i = prefix, 0
-        while name in self._used_names:
-            i += 1
-            name = f"{prefix}_{i}"
-        self._used_names.add(name)
-        return name
+        return self._fresh(prefix)
 
     # --- types and shapes ------------------------------------------------------------------
 
@@ -241,16 +236,22 @@ class Graph:
         return np.asarray(folder(node, inputs))
 
 
-def _names(graph: onnx.GraphProto) -> set[str]:
-    """Every node and tensor name of the graph (fresh names avoid them)."""
-    names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-    names.update(v.name for v in graph.output)
-    names.update(v.name for v in graph.value_info)
-    for node in graph.node:
-        names.add(node.name)
-        names.update(node.input)
-        names.update(node.output)
-    return names
+class FreshNames:
+    """Node and tensor names a model does not use yet, made from a prefix."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {t.name for t in graph.initializer}
+        self.used.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
+        for node in graph.node:
+            self.used.update([node.name, *node.input, *node.output])
+
+    def __call__(self, prefix: str) -> str:
+        name, i = prefix, 0
+        while name in self.used:
+            i += 1
+            name = f"{prefix}_{i}"
+        self.used.add(name)
+        return name
 
 
 _SAME_SHAPE = {"Cast", "Neg", "Sqrt", "Relu", "Softmax", "Identity", "Tanh", "Sigmoid", "Exp",

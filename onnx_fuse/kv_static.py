@@ -44,6 +44,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from .errors import BadInput, CheckFailed
+from .graph import FreshNames
 
 STEPS = 8  # single-token decode steps the check drives
 WRITE_POSITION = "write_position"
@@ -200,10 +201,10 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
     windows, positions, tables, position_users = _analyse(model, layout, cache_len, base_dir)
     g = gs.import_onnx(model)
     tensors = g.tensors()
-    names = _Names(model)
+    names = FreshNames(model.graph)
     batch = layout.batch_dim
 
-    write = gs.Variable(names.fresh(WRITE_POSITION), np.int64, [batch])
+    write = gs.Variable(names(WRITE_POSITION), np.int64, [batch])
     g.inputs.append(write)
     mask = tensors[layout.mask]
     mask.shape = [batch, cache_len]
@@ -213,12 +214,12 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
         tensors[present].shape = [batch, heads, cache_len, head]
 
     def node(op, inputs, attrs=None, dtype=None, shape=None):
-        out = gs.Variable(names.fresh(f"kv_static/{op}_out"), dtype, shape)
-        g.nodes.append(gs.Node(op, names.fresh(f"kv_static/{op}"), attrs or {}, inputs, [out]))
+        out = gs.Variable(names(f"kv_static/{op}_out"), dtype, shape)
+        g.nodes.append(gs.Node(op, names(f"kv_static/{op}"), attrs or {}, inputs, [out]))
         return out
 
     def const(prefix, value):
-        return gs.Constant(names.fresh(f"kv_static/{prefix}"), np.asarray(value))
+        return gs.Constant(names(f"kv_static/{prefix}"), np.asarray(value))
 
     # positions [B, S] = write_position[b] + t
     seq = node("Shape", [tensors[layout.ids]], {"start": 1, "end": 2}, np.int64, [1])
@@ -260,7 +261,7 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
             concat = concat.inputs[0].inputs[0]
         anchors.append(f"Concat '{concat.name}'")
         concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
-        concat.name = names.fresh("kv_static/TensorScatter")
+        concat.name = names("kv_static/TensorScatter")
         concat.inputs.append(write)  # (past, new, write_position)
         if chain:  # the scatter writes the output itself, as TensorRT's in-place update wants
             target = tensors[present]
@@ -322,21 +323,6 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
     }
     return out, section
 
-
-class _Names:
-    def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.used = {t.name for t in g.initializer} | {v.name for v in [*g.input, *g.output, *g.value_info]}
-        for n in g.node:
-            self.used.update([n.name, *n.input, *n.output])
-
-    def fresh(self, prefix: str) -> str:
-        name, i = prefix, 0
-        while name in self.used:
-            i += 1
-            name = f"{prefix}_{i}"
-        self.used.add(name)
-        return name
 
 
 def _require_gone(g: gs.Graph, layout: Layout, tensors: dict, position_users: set[str]) -> None:
