@@ -115,14 +115,14 @@ def run_model(model: ModelRef, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
     Inputs the model does not declare are ignored, so one input set can feed a reference
     and a candidate that dropped an input it no longer uses.
     """
-    return _run(_session(model), inputs)
+    return run_session(session_for(model), inputs)
 
 
-def _session(model: ModelRef) -> onnxruntime.InferenceSession:
+def session_for(model: ModelRef) -> onnxruntime.InferenceSession:
     return runtime.session(model.model.SerializeToString(), model.base_dir, optimize=True)
 
 
-def _run(
+def run_session(
     session: onnxruntime.InferenceSession, inputs: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     # Going through OrtValue is what lets bfloat16 in and out: the numpy path of
@@ -178,7 +178,7 @@ def _synthesize(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Synthesize inputs, plus the model's outputs on them when finding them took running
     the model, so that a caller need not run it again."""
-    specs = _input_specs(model.model)
+    specs = input_specs(model.model)
     fixed, past, choices = _plan_dims(specs, batch)
     assignments = [
         {**fixed, **{sym: options[i] for (sym, options), i in zip(choices, combo)}}
@@ -187,14 +187,14 @@ def _synthesize(
     if len(assignments) == 1:
         return _fill(specs, assignments[0], past, seed), None
     try:
-        session = _session(model)
+        session = session_for(model)
     except Exception as e:
         raise CheckError(f"reference model failed to load: {first_line(e)}") from e
     errors = []
     for values in assignments:
         try:
             inputs = _fill(specs, values, past, seed)
-            return inputs, _run(session, inputs)
+            return inputs, run_session(session, inputs)
         except Exception as e:  # any failure just means "not this assignment"
             errors.append(e)
     raise CheckError(
@@ -203,7 +203,7 @@ def _synthesize(
     )
 
 
-def _input_specs(model: onnx.ModelProto) -> list[_Input]:
+def input_specs(model: onnx.ModelProto) -> list[_Input]:
     graph = model.graph
     initialized = {t.name for t in graph.initializer}
     rows = _gather_table_rows(graph)
@@ -445,11 +445,11 @@ def check_equivalent(
             diffs[name] = _incomparable()
             problems.append(f"output '{name}' is missing from the candidate")
             continue
-        diffs[name], problem = _compare(candidate_outputs[name], expected)
+        diffs[name], problem = compare_output(candidate_outputs[name], expected)
         padded = _padded_positions(padding, _query_length(reference.model, inputs),
                                    expected.shape) if problem else None
         if padded is not None:
-            valid, _ = _compare(np.where(padded, 0, candidate_outputs[name]), np.where(padded, 0, expected))
+            valid, _ = compare_output(np.where(padded, 0, candidate_outputs[name]), np.where(padded, 0, expected))
             if valid.passed:
                 diffs[name] = OutputDiff(diffs[name].max_abs, diffs[name].max_rel, True, True)
                 continue
@@ -468,7 +468,7 @@ def check_equivalent(
     return CheckResult(passed=not problems, outputs=diffs, message=message)
 
 
-def _compare(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff, str | None]:
+def compare_output(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff, str | None]:
     """Diff of one output and, if it fails, why (for the message)."""
     if actual.shape != expected.shape:
         return _incomparable(), f"shape {actual.shape} vs reference {expected.shape}"
@@ -499,7 +499,7 @@ def _compare(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff, str 
 def _padding_mask(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
     """The 0/1 attention mask [B, T] among the inputs, if the model has one."""
     try:
-        specs = _input_specs(model)
+        specs = input_specs(model)
     except CheckError:
         return None
     for spec in specs:
@@ -513,7 +513,7 @@ def _padding_mask(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.n
 def _query_length(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> int | None:
     """How many new tokens the inputs hold (dim 1 of the token ids)."""
     try:
-        specs = _input_specs(model)
+        specs = input_specs(model)
     except CheckError:
         return None
     ids = [inputs[s.name] for s in specs if s.kind == "ids" and s.name in inputs]

@@ -72,7 +72,7 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = 
 def _fuse(model, target: str, check: bool, inputs: dict | None, apply: bool,
           options: Options) -> FuseResult:
     started = time.perf_counter()
-    source = _source(model)
+    source = source_model(model)
     chosen = get_target(target)
     report: dict = {"target": chosen.name, "counts": {}, "fused": [], "unfused": [],
                     "check": None}
@@ -173,7 +173,7 @@ def _rules():
     return RULES
 
 
-def _source(model) -> SourceModel:
+def source_model(model) -> SourceModel:
     if isinstance(model, SourceModel):
         return model
     if isinstance(model, onnx.ModelProto):

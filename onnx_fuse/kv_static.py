@@ -70,7 +70,7 @@ class Layout:
 def find_layout(model: onnx.ModelProto) -> Layout:
     """The caches that grow by Concat and the other inputs; BadInput (one line) when the model has
     no recognisable cache, a layout TensorScatter cannot express, or inputs this does not handle."""
-    from .check import _input_specs
+    from .check import input_specs
 
     graph = model.graph
     initialized = {t.name for t in graph.initializer}
@@ -99,7 +99,7 @@ def find_layout(model: onnx.ModelProto) -> Layout:
     if not pairs:
         raise BadInput("no recognisable KV cache: no output is Concat(past input, new keys/values) "
                        "along the sequence axis")
-    specs = {s.name: s for s in _input_specs(model)}
+    specs = {s.name: s for s in input_specs(model)}
     ids = [s for s in specs.values() if s.kind == "ids"]
     masks = [s for s in specs.values() if s.kind == "mask"]
     caches = {p for p, _ in pairs}
@@ -142,7 +142,7 @@ def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
     """Fuse `model` and convert its growing caches to fixed caches of `max_cache_len` slots."""
     import time
 
-    from .fuse import FuseResult, _source, fuse
+    from .fuse import FuseResult, source_model, fuse
     from .opset import OpsetError, raise_opset
     from . import trt_contract
 
@@ -152,7 +152,7 @@ def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
         raise BadInput("--kv-cache static emits TensorScatter and Attention: it needs --target onnx")
     if max_cache_len is None:
         raise BadInput("--kv-cache static needs --max-cache-len N")
-    source = _source(model)
+    source = source_model(model)
     layout = find_layout(source.model)
     needed, why = minimum_cache_len(check)
     if max_cache_len < needed:
@@ -503,9 +503,9 @@ def check_static(original, converted, layout: Layout, cache_len: int, *, steps: 
     compare the logits (every non-cache output) at every step and the valid part of every cache.
     Returns the report's `check`: {passed, outputs: {name: {max_abs, max_rel, passed}}, message,
     steps, scenarios}."""
-    from .check import _compare, _session, _run
+    from .check import compare_output, session_for, run_session
 
-    ref, cand = _session(original), _session(converted)
+    ref, cand = session_for(original), session_for(converted)
     write = _meta(converted.model, "onnx_fuse.kv_cache.write_position") or WRITE_POSITION
     longest = min(4, cache_len - steps)
     if longest < 2:
@@ -517,7 +517,7 @@ def check_static(original, converted, layout: Layout, cache_len: int, *, steps: 
     rng = np.random.default_rng(seed)
 
     def record(name, actual, expected, where):
-        diff, problem = _compare(actual, expected)
+        diff, problem = compare_output(actual, expected)
         entry = stats.setdefault(name, [0.0, 0.0, True])
         entry[0], entry[1] = max(entry[0], diff.max_abs), max(entry[1], diff.max_rel)
         entry[2] = entry[2] and diff.passed
@@ -542,11 +542,11 @@ def check_static(original, converted, layout: Layout, cache_len: int, *, steps: 
             for b, length in enumerate(lengths):
                 feeds = {layout.ids: ids[b:b + 1], **pasts[b],
                          layout.mask: np.ones((1, length + step + 1), layout.dtypes[layout.mask])}
-                outs.append(_run(ref, feeds))
+                outs.append(run_session(ref, feeds))
             am = np.zeros((2, cache_len), layout.dtypes[layout.mask])
             for b, length in enumerate(lengths):
                 am[b, :length + step + 1] = 1
-            got = _run(cand, {layout.ids: ids, layout.mask: am, **fixed,
+            got = run_session(cand, {layout.ids: ids, layout.mask: am, **fixed,
                               write: np.array([n + step for n in lengths], np.int64)})
             for b, length in enumerate(lengths):
                 where = f"ragged step {step + 1}, row {b}"
@@ -572,11 +572,11 @@ def check_static(original, converted, layout: Layout, cache_len: int, *, steps: 
         for step in range(steps):
             ids = rng.integers(0, layout.vocab, (2, 1)).astype(layout.dtypes[layout.ids])
             am_orig = np.concatenate([am_orig, np.ones((2, 1), am_orig.dtype)], axis=1)
-            expected = _run(ref, {layout.ids: ids, layout.mask: am_orig, **past})
+            expected = run_session(ref, {layout.ids: ids, layout.mask: am_orig, **past})
             am = np.zeros((2, cache_len), layout.dtypes[layout.mask])
             am[:, :am_orig.shape[1]] = am_orig
             position = start + step
-            got = _run(cand, {layout.ids: ids, layout.mask: am, **fixed,
+            got = run_session(cand, {layout.ids: ids, layout.mask: am, **fixed,
                               write: np.array([position, position], np.int64)})
             where = f"left-padded step {step + 1}"
             for name, value in expected.items():
