@@ -3,7 +3,6 @@ near-misses that must be called arbitrary, and the committed real exports."""
 
 import json
 import os
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -547,10 +546,7 @@ def expected_classes(truth):
 def test_committed_models_classify_as_the_manifest_says(name):
     truth = MANIFEST[name]
     graph, model, found = model_masks(name)
-    started = time.perf_counter()
     classes = [None if m is None else masks.classify_mask_spec(graph, m, model=model) for m in found]
-    seconds = time.perf_counter() - started
-    assert seconds < 0.5 + 0.5 * len({id(m.tensor) for m in found if m is not None})
     found = [c for c in classes if c is not None]
     assert len(classes) == truth["attention_cores"]
     if truth["kind"] == "decode_static":
