@@ -92,6 +92,7 @@ def _native_stderr_silenced():
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-fuse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"onnx-fuse {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fuse = commands.add_parser("fuse", help="rewrite a model with fused ops")
@@ -190,6 +191,12 @@ def _check(args) -> int:
         print(f"  {name}: max_abs {diff.max_abs:.3g}, max_rel {diff.max_rel:.3g} {verdict}")
     print(("passed: " if outcome.passed else "failed: ") + outcome.message)
     return EXIT_OK if outcome.passed else EXIT_CHECK_FAILED
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _positive(value: int | None) -> int | None:

@@ -444,3 +444,10 @@ def test_check_command_compares_two_models(capfd, tmp_path):
     other = os.path.join(MODELS, "qwen2-gqa_prefill_eager_torchscript.onnx")
     code, out, _ = run_main(capfd, "check", LLAMA, other)
     assert code == 1 and "logits" in out and out.splitlines()[-1].startswith("failed:")
+
+
+def test_version(capfd):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    out, _ = capfd.readouterr()
+    assert exit_info.value.code == 0 and out.startswith("onnx-fuse ")
