@@ -521,12 +521,14 @@ def _query_length(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> int 
 
 
 def _padded_positions(mask: np.ndarray | None, query: int | None, shape: tuple) -> np.ndarray | None:
-    """Where an output of `shape` sits at a padded token: its first axis after the batch as long
-    as the mask (all tokens, e.g. a present cache), else as long as the new tokens (logits)."""
-    if mask is None or len(shape) < 2 or shape[0] != mask.shape[0] or mask.all():
+    """Where an output of `shape` sits at a padded token. Only per-token outputs qualify: a
+    token axis (as long as the mask, e.g. a present cache [B, N, T, H], or as the new tokens,
+    e.g. logits [B, S, V]) at position 1 or 2 with features after it; a pooled or classification
+    output such as [B, labels] never does, whatever its sizes."""
+    if mask is None or len(shape) < 3 or shape[0] != mask.shape[0] or mask.all():
         return None
     total = mask.shape[1]
-    axes = [a for length in (total, query) for a in range(1, len(shape)) if shape[a] == length]
+    axes = [a for length in (total, query) for a in (1, 2) if a < len(shape) - 1 and shape[a] == length]
     if not axes:
         return None
     axis = axes[0]

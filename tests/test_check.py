@@ -357,10 +357,11 @@ def _perturbed_at(model: ModelRef, inputs, output: str, where) -> ModelRef:
     candidate = onnx.ModelProto()
     candidate.CopyFrom(model.model)
     candidate.graph.initializer.append(numpy_helper.from_array(bump, "bump"))
-    for node in candidate.graph.node:
-        for i, name in enumerate(node.output):
-            if name == output:
-                node.output[i] = output + "_raw"
+    for node in candidate.graph.node:  # everything inside reads the unperturbed tensor
+        for names in (node.output, node.input):
+            for i, name in enumerate(names):
+                if name == output:
+                    names[i] = output + "_raw"
     candidate.graph.node.append(helper.make_node("Add", [output + "_raw", "bump"], [output]))
     return ModelRef(candidate)
 
@@ -390,3 +391,24 @@ def test_a_difference_at_a_real_token_still_fails():
     result = check_equivalent(model, candidate, inputs)
     assert not result.passed and "present_key" in result.message
     assert not result.outputs["present_key"].only_padding_differs
+
+
+def test_a_pooled_output_never_gets_the_padding_allowance():
+    # [batch, 5] class scores next to a [batch, 5] attention mask: the sizes match, but it is
+    # not a per-token output, so a difference at a "padded" column still fails.
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 5])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", 5])
+    table = numpy_helper.from_array(np.arange(VOCAB * 5, dtype=np.float32).reshape(VOCAB, 5), "table")
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["rows"]),
+             helper.make_node("ReduceSum", ["rows", "axes"], ["scores"], keepdims=0),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["scores", "m"], ["labels"])]
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    out = helper.make_tensor_value_info("labels", TensorProto.FLOAT, None)
+    model = ModelRef(_model(nodes, [ids, mask], [out], [table, axes]))
+    inputs = synthesize_inputs(model)
+    pads = inputs["attention_mask"] == 0
+    assert pads.any()
+    candidate = _perturbed_at(model, inputs, "labels", lambda shape: pads)
+    result = check_equivalent(model, candidate, inputs)
+    assert not result.passed and not result.outputs["labels"].only_padding_differs
