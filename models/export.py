@@ -438,6 +438,10 @@ def _qwen2_small_config(attn_impl):
     )
 
 
+def _partial_rotary_dim(c):
+    return int((c.hidden_size // c.num_attention_heads) * c.rope_parameters["partial_rotary_factor"])
+
+
 def _t5_truth(c):
     enc, dec = c.num_layers, c.num_decoder_layers
     return {
@@ -565,7 +569,7 @@ REGISTRY += [
         kinds=("prefill", "decode"),
         causal=True,
         position_embedding="rope",
-        rotary_dim=lambda c: int((c.hidden_size // c.num_attention_heads) * c.rope_parameters["partial_rotary_factor"]),
+        rotary_dim=_partial_rotary_dim,
         notes="fused qkv_proj (one MatMul, sliced into q/k/v), fused gate_up_proj; "
               "partial_rotary_factor 0.5 (rotate_half on the first rotary_dim channels)",
         extra_truth=lambda c: {"partial_rotary_factor": c.rope_parameters["partial_rotary_factor"],
@@ -580,7 +584,7 @@ REGISTRY += [
         kinds=("prefill", "decode"),
         causal=True,
         position_embedding="rope",
-        rotary_dim=lambda c: int((c.hidden_size // c.num_attention_heads) * c.rope_parameters["partial_rotary_factor"]),
+        rotary_dim=_partial_rotary_dim,
         notes="fused query_key_value with per-head [q|k|v] layout (view [B,S,heads,3*head] then chunk); "
               "rotary_pct 0.25; parallel residual",
         extra_truth=lambda c: {"partial_rotary_factor": c.rope_parameters["partial_rotary_factor"],

@@ -397,6 +397,16 @@ def dim_product(*dims) -> int | str | None:
     return "*".join(sorted(symbols) + ([str(number)] if number != 1 else []))
 
 
+def is_integer(tensor: Tensor) -> bool:
+    """The tensor's element type is known and an integer type."""
+    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+
+
+def np_dtype(tensor: Tensor):
+    """The tensor's element type as a numpy dtype."""
+    return onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype(tensor))
+
+
 def _dim_equal(a, b) -> bool | None:
     """Equality of two dims where known; a dim is never negative, so it never equals -1."""
     if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
@@ -412,8 +422,7 @@ def _is_int_vector(tensor: Tensor) -> bool:
     return (
         tensor.shape is not None
         and len(tensor.shape) <= 1
-        and tensor.dtype is not None
-        and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+        and is_integer(tensor)
     )
 
 

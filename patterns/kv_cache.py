@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
+from onnx_fuse.graph import Graph, Node, Tensor, is_integer, np_dtype, onnx_dtype
 from onnx_fuse.pattern import Match, match, op, var
 from onnx_fuse.errors import first_line
 from onnx_fuse.rewrite import Reject, Rewrite, Rule, once
@@ -131,7 +131,7 @@ def _positions(graph: Graph, indices: Tensor, nd: bool) -> Tensor:
     positions, unsqueeze = found["positions"], found["unsqueeze"]
     if graph.rank(positions) != 1:
         raise Reject(f"the positions '{positions.name}' have rank {graph.rank(positions)}, not 1")
-    if not _is_integer(positions):
+    if not is_integer(positions):
         raise Reject(f"the positions '{positions.name}' are not integers")
     axes = graph.value(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else unsqueeze.attrs.get("axes")
     rank = 2 if nd else 4
@@ -147,7 +147,7 @@ def _contiguity(graph: Graph, positions: Tensor) -> str:
     for a graph input (the caller's contract, as for Hugging Face's cache_position)."""
     tensor = positions
     while (node := graph.producer(tensor)) is not None and node.op in ("Cast", "Identity") \
-            and _is_integer(node.inputs[0]):
+            and is_integer(node.inputs[0]):
         tensor = node.inputs[0]
     value = graph.value(tensor)
     if value is not None:
@@ -165,9 +165,6 @@ def _contiguity(graph: Graph, positions: Tensor) -> str:
         return "range"
     raise Reject(f"the write positions are computed by {node.op}: not provably contiguous")
 
-
-def _is_integer(tensor: Tensor) -> bool:
-    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
 
 
 # --- numerical verification ------------------------------------------------------------------
@@ -209,7 +206,7 @@ def _compare(graph: Graph, sub: "_Subgraph", spec: KVCacheWriteSpec) -> None:
         feeds = {
             spec.past.name: rng.standard_normal((batch, heads, length, head)).astype(np_type),
             spec.update.name: rng.standard_normal(update).astype(np_type),
-            spec.positions.name: np.arange(start, start + seq).astype(_np_dtype(spec.positions)),
+            spec.positions.name: np.arange(start, start + seq).astype(np_dtype(spec.positions)),
         }
         try:
             got = run_model(original, feeds)[spec.output.name]
@@ -301,9 +298,6 @@ class _Subgraph:
         model.ir_version = 10
         return model
 
-
-def _np_dtype(tensor: Tensor):
-    return onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype(tensor))
 
 
 

@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_fuse import runtime
-from onnx_fuse.graph import Graph, Node, Tensor, onnx_dtype
+from onnx_fuse.graph import Graph, Node, Tensor, is_integer, np_dtype, onnx_dtype
 from onnx_fuse.pattern import Match, either, maybe, op, var
 from onnx_fuse.errors import first_line
 from onnx_fuse.rewrite import Reject, Rewrite, Rule, once
@@ -193,10 +193,10 @@ def _evaluate_tables(graph: Graph, closure: "_Closure", positions: Tensor) -> _T
     session = _session(graph, closure.model([positions], closure.outputs + [table for table, _ in lookups]))
     bound = None
     if lookups:  # a table the graph gathers from bounds the positions
-        shapes = [t.shape for t in _run(session, {positions.name: np.zeros([1] * rank, _np_dtype(positions))})[2:]]
+        shapes = [t.shape for t in _run(session, {positions.name: np.zeros([1] * rank, np_dtype(positions))})[2:]]
         bound = min(shape[axis] for shape, (_, axis) in zip(shapes, lookups))
     max_positions = _max_positions(graph.options.max_positions, bound)
-    index = np.arange(max_positions, dtype=_np_dtype(positions)).reshape([1] * (rank - 1) + [-1])
+    index = np.arange(max_positions, dtype=np_dtype(positions)).reshape([1] * (rank - 1) + [-1])
     cos, sin = _run(session, {positions.name: index})[:2]
     if cos.shape != sin.shape:
         raise Reject("cos and sin have different shapes")
@@ -234,12 +234,12 @@ def _positions(graph: Graph, tables: list[Tensor]) -> Tensor:
     found, stack, seen = [], list(tables), set()
     while stack:
         tensor = stack.pop()
-        if id(tensor) in seen or _is_constant(graph, tensor) or _is_integer(tensor) and graph.value(tensor) is not None:
+        if id(tensor) in seen or _is_constant(graph, tensor) or is_integer(tensor) and graph.value(tensor) is not None:
             continue  # a constant, or an integer one computed (arange(max_positions) of a table)
         seen.add(id(tensor))
         node = graph.producer(tensor)
-        if _is_integer(tensor):
-            while (node is not None and node.op in _REARRANGING and _is_integer(node.inputs[0])
+        if is_integer(tensor):
+            while (node is not None and node.op in _REARRANGING and is_integer(node.inputs[0])
                    and all(_is_constant(graph, t) for t in node.inputs[1:])):
                 tensor, node = node.inputs[0], graph.producer(node.inputs[0])
             if all(t is not tensor for t in found):
@@ -280,10 +280,10 @@ def _compare(graph: Graph, closure: "_Closure", spec: RotarySpec) -> None:
     tolerance = _TOLERANCE[spec.dtype]
     for seq in _SEQ_LENGTHS:
         dims, sizes = _x_dims(graph, spec, seq)
-        feeds = {x.name: rng.standard_normal(dims).astype(_np_dtype(x)),
+        feeds = {x.name: rng.standard_normal(dims).astype(np_dtype(x)),
                  positions.name: _random_positions(rng, graph, positions, dims[0], seq, spec.max_positions)}
         for leaf in closure.shape_leaves:
-            feeds[leaf.name] = np.zeros(_dims(graph.shape(leaf), sizes, seq), _np_dtype(leaf))
+            feeds[leaf.name] = np.zeros(_dims(graph.shape(leaf), sizes, seq), np_dtype(leaf))
         y, rotated, *parts = _run(original, feeds)
         head = feeds[x.name].astype(np.float64)
         if parts and not (np.array_equal(parts[0], head[..., :spec.rotary_dim])
@@ -353,7 +353,7 @@ def _random_positions(rng, graph: Graph, positions: Tensor, batch: int, seq: int
     dims = [seq] if len(shape) == 1 else [1 if shape[0] == 1 else batch, seq]
     values = rng.integers(0, limit, size=dims).reshape(-1)
     values[0], values[-1] = (0, limit - 1) if values.size > 1 else (limit - 1, limit - 1)
-    return values.reshape(dims).astype(_np_dtype(positions))
+    return values.reshape(dims).astype(np_dtype(positions))
 
 
 # --- subgraphs run on their own --------------------------------------------------------------
@@ -489,12 +489,6 @@ def _is_constant(graph: Graph, tensor: Tensor) -> bool:
     return isinstance(tensor, gs.Constant) or node is not None and node.op == "Constant"
 
 
-def _is_integer(tensor: Tensor) -> bool:
-    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
-
-
-def _np_dtype(tensor: Tensor):
-    return onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype(tensor))
 
 
 def _dim_names(shape: tuple | None) -> list | None:
