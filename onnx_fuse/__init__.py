@@ -11,8 +11,9 @@ if not _os.path.isdir(_os.path.join(_here, "patterns")) and _os.path.isfile(
         _os.path.join(_os.path.dirname(_here), "patterns", "__init__.py")):
     __path__.append(_os.path.dirname(_here))
 
+from .api import fuse  # noqa: E402
 from .errors import BadInput, CheckFailed  # noqa: E402
-from .fuse import FuseResult, fuse  # noqa: E402
+from .result import FuseResult  # noqa: E402
 
 __all__ = ["fuse", "FuseResult", "BadInput", "CheckFailed"]
 __version__ = "0.1.0"

@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fuse(args) -> int:
-    from .fuse import fuse
+    from .api import fuse
     from .model_io import check_output_path, external_files, load_model
 
     if os.path.abspath(args.output) == os.path.abspath(args.input):
@@ -162,7 +162,7 @@ def _fuse(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .fuse import fuse
+    from .api import fuse
 
     report = fuse(args.input, target=args.target, check=False, apply=False,
                   max_positions=_positive(args.max_positions)).report

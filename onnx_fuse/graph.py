@@ -72,6 +72,10 @@ class Graph:
     def fresh_name(self, prefix: str) -> str:
         return self._fresh(prefix)
 
+    def release_name(self, name: str) -> None:
+        """Give back a name fresh_name returned that ended up unused (a discarded rewrite)."""
+        self._fresh.release(name)
+
     # --- types and shapes ------------------------------------------------------------------
 
     def shape(self, tensor: Tensor) -> tuple | None:
@@ -252,6 +256,9 @@ class FreshNames:
             name = f"{prefix}_{i}"
         self.used.add(name)
         return name
+
+    def release(self, name: str) -> None:
+        self.used.discard(name)
 
 
 _SAME_SHAPE = {"Cast", "Neg", "Sqrt", "Relu", "Softmax", "Identity", "Tanh", "Sigmoid", "Exp",

@@ -17,10 +17,11 @@ rewritten to the interface TensorRT's IKVCacheUpdateLayer needs:
 - positions (RoPE position_ids, learned position embeddings) are write_position[b] + t.
 
 How: the model is fused as usual first (attention cores into Attention, RoPE into
-RotaryEmbedding with max_positions N) and checked against the original. Each Attention's mask is
-then evaluated in onnxruntime at two sizes (the key length reaching N - 1) and must be exactly
-causal (+ sliding window W) and padding, for which a template over the fixed cache is emitted.
-Every integer tensor that evaluates to past_length + arange(S) is a position: the ones that feed
+RotaryEmbedding with max_positions N) and checked against the original (api.py composes the two
+steps; this module reads the pass's typed results). Each Attention's mask class, proven by the
+pass (masks.py), must be causal (+ sliding window W) and padding, for which a template over the
+fixed cache is emitted. Every integer tensor that evaluates to past_length + arange(S) in the
+fused model (at two sizes whose key length reaches N - 1) is a position: the ones that feed
 RotaryEmbedding or a Gather from a constant table (position embeddings) are re-pointed to
 write_position + arange(S); any other use left alive is an error.
 
@@ -36,6 +37,7 @@ part must come back untouched.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,12 +45,16 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
+from .check import ModelRef, compare_output, input_specs, run_model, run_session, session_for
 from .errors import BadInput, CheckFailed
 from .graph import FreshNames
+from .opset import OpsetError, default_opset, raise_opset
+from .result import FuseResult
+from .rewrite import tidy
+from .specs import AttentionSpec
 
 STEPS = 8  # single-token decode steps the check drives
 WRITE_POSITION = "write_position"
-_HIDDEN_AT_OR_BELOW = -1e4  # an additive mask value that hides a key
 
 
 @dataclass
@@ -70,8 +76,6 @@ class Layout:
 def find_layout(model: onnx.ModelProto) -> Layout:
     """The caches that grow by Concat and the other inputs; BadInput (one line) when the model has
     no recognisable cache, a layout TensorScatter cannot express, or inputs this does not handle."""
-    from .check import input_specs
-
     graph = model.graph
     initialized = {t.name for t in graph.initializer}
     inputs = {v.name: v for v in graph.input if v.name not in initialized}
@@ -134,195 +138,253 @@ def minimum_cache_len(check: bool) -> tuple[int, str]:
     return 2, "a non-empty past and one new token"
 
 
-# --------------------------------------------------------------------------- the pass
+# --------------------------------------------------------------------------- the steps
 
 
-def fuse_static(model, target: str, check: bool, max_cache_len: int | None,
-                max_positions: int | None):
-    """Fuse `model` and convert its growing caches to fixed caches of `max_cache_len` slots."""
-    import time
-
-    from .fuse import FuseResult, source_model, fuse
-    from .opset import OpsetError, raise_opset
-    from . import trt_contract
-
-    started = time.perf_counter()
-
-    if target != "onnx":
-        raise BadInput("--kv-cache static emits TensorScatter and Attention: it needs --target onnx")
-    if max_cache_len is None:
-        raise BadInput("--kv-cache static needs --max-cache-len N")
-    source = source_model(model)
+def plan(source, cache_len: int, check: bool) -> Layout:
+    """The model's cache layout, once the length asked for is known to be enough."""
     layout = find_layout(source.model)
     needed, why = minimum_cache_len(check)
-    if max_cache_len < needed:
-        raise BadInput(f"--max-cache-len {max_cache_len} is smaller than the model needs: at least "
+    if cache_len < needed:
+        raise BadInput(f"--max-cache-len {cache_len} is smaller than the model needs: at least "
                        f"{needed} slots ({why})")
-    fused = fuse(source, target, check=check, max_positions=max_positions or max_cache_len)
+    return layout
+
+
+def make_static(source, fused: FuseResult, target, layout: Layout, cache_len: int,
+                check: bool) -> FuseResult:
+    """The fused model with its growing caches turned into fixed caches of `cache_len` slots,
+    checked over decode steps against the source."""
+    started = time.perf_counter()
+    windows = attention_windows(fused)
     try:
-        model24 = raise_opset(fused.model, 24) if _opset(fused.model) < 24 else fused.model
+        model24 = raise_opset(fused.model, 24) if default_opset(fused.model) < 24 else fused.model
     except OpsetError as exc:
         raise BadInput(f"cannot raise the fused model to opset 24 for TensorScatter: {exc}") from None
-    static, section = convert(model24, layout, max_cache_len, source.base_dir)
-
-    report = dict(fused.report)
-    report["counts"] = {**report["counts"], "kv_cache": len(layout.pairs)}
-    report["opset"] = {**report["opset"], "to": 24}
-    report["kv_cache"] = section
-    report["fused"] = list(report["fused"]) + [
-        {"rule": "kv_cache", "anchor": anchor, "form": "concat", "mode": "static", "past": past,
-         "present": present, "cache_len": max_cache_len, "write_index": section["write_position"]}
-        for (past, present), anchor in zip(layout.pairs, section.pop("anchors"))]
-    report["tensorrt"] = trt_contract.report("onnx", static)
-    result = FuseResult(static, report, source.base_dir, True, source.path)
+    static, section = convert(model24, layout, cache_len, source.base_dir, windows)
+    report = _report(fused.report, layout, section, cache_len)
+    report["tensorrt"] = target.contract(static)
+    result = FuseResult(static, report, source.base_dir, True, source.path, fused.fused, fused.unfused)
     if check:
-        from .check import ModelRef
-
         outcome = check_static(ModelRef(source.model, source.base_dir),
-                               ModelRef(static, source.base_dir), layout, max_cache_len)
+                               ModelRef(static, source.base_dir), layout, cache_len)
         outcome["fused"] = fused.report.get("check")  # the single-step proof of the fusions
         report["check"] = outcome
         if not outcome["passed"]:
             raise CheckFailed(f"the static-cache model does not match the input model: "
                               f"{outcome['message']}", outcome)
-    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["seconds"] = round(fused.report["seconds"] + time.perf_counter() - started, 3)
     return result
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+def attention_windows(fused: FuseResult) -> dict[str, int | None]:
+    """Each fused Attention node's sliding window (None: causal only), from the mask class the
+    pass proved for it; BadInput where that mask is not causal (+ a window) and padding, which
+    is all a mask over the fixed cache expresses."""
+    ops = {n.name: n.op_type for n in fused.model.graph.node}
+    leftover = [n.name for n in fused.model.graph.node if n.op_type == "Softmax"]
+    if not any(op == "Attention" for op in ops.values()) or leftover:
+        where = f" (Softmax '{leftover[0]}' remains)" if leftover else ""
+        raise BadInput("not every attention core was fused into Attention" + where +
+                       ": --kv-cache static re-masks fused attention only")
+    windows = {}
+    for fusion, spec in fused.specs(AttentionSpec):
+        (name,) = [n for n in fusion.nodes if ops.get(n) == "Attention"]
+        klass = spec.mask.klass if spec.mask is not None and spec.mask.bias is None else None
+        if klass is None:
+            raise BadInput(f"Attention '{name}' has no mask to re-express over the fixed cache")
+        if klass.kind not in ("causal_padding", "sliding_window") or not klass.padding \
+                or klass.alignment != "lower_right":
+            raise BadInput(f"the mask of Attention '{name}' is {klass.kind}, not causal (+ a sliding "
+                           "window) and padding: it cannot be re-expressed over a fixed cache")
+        windows[name] = klass.window
+    return windows
+
+
+def _report(fused: dict, layout: Layout, section: dict, cache_len: int) -> dict:
+    report = dict(fused)
+    report["counts"] = {**report["counts"], "kv_cache": len(layout.pairs)}
+    report["opset"] = {**report["opset"], "to": 24}
+    report["kv_cache"] = section
+    report["fused"] = list(report["fused"]) + [
+        {"rule": "kv_cache", "anchor": anchor, "form": "concat", "mode": "static", "past": past,
+         "present": present, "cache_len": cache_len, "write_index": section["write_position"]}
+        for (past, present), anchor in zip(layout.pairs, section.pop("anchors"))]
+    return report
 
 
 # --------------------------------------------------------------------------- conversion
 
 
-def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None):
+def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
+            windows: dict[str, int | None]):
     """The fused model (opset 24) with fixed caches; returns it and the report's section."""
-    windows, positions, tables, position_users = _analyse(model, layout, cache_len, base_dir)
-    g = gs.import_onnx(model)
-    tensors = g.tensors()
-    names = FreshNames(model.graph)
-    batch = layout.batch_dim
-
-    write = gs.Variable(names(WRITE_POSITION), np.int64, [batch])
-    g.inputs.append(write)
-    mask = tensors[layout.mask]
-    mask.shape = [batch, cache_len]
-    for past, present in layout.pairs:
-        heads, head = layout.cache_dims[past]
-        tensors[past].shape = [batch, heads, cache_len, head]
-        tensors[present].shape = [batch, heads, cache_len, head]
-
-    def node(op, inputs, attrs=None, dtype=None, shape=None):
-        out = gs.Variable(names(f"kv_static/{op}_out"), dtype, shape)
-        g.nodes.append(gs.Node(op, names(f"kv_static/{op}"), attrs or {}, inputs, [out]))
-        return out
-
-    def const(prefix, value):
-        return gs.Constant(names(f"kv_static/{prefix}"), np.asarray(value))
-
-    # positions [B, S] = write_position[b] + t
-    seq = node("Shape", [tensors[layout.ids]], {"start": 1, "end": 2}, np.int64, [1])
-    seq = node("Squeeze", [seq, const("axis0", np.array([0], np.int64))], dtype=np.int64, shape=[])
-    steps = node("Range", [const("zero", np.array(0, np.int64)), seq, const("one", np.array(1, np.int64))],
-                 dtype=np.int64, shape=["S"])
-    query = node("Add", [node("Unsqueeze", [write, const("axis1", np.array([1], np.int64))], dtype=np.int64),
-                         node("Unsqueeze", [steps, const("axis0", np.array([0], np.int64))], dtype=np.int64)],
-                 dtype=np.int64, shape=[batch, None])
-    # visibility [B, S, N]: a valid slot, at or before the query's own slot (and inside its window)
-    slots = const("slots", np.arange(cache_len, dtype=np.int64).reshape(1, 1, cache_len))
-    query_col = node("Unsqueeze", [query, const("axis2", np.array([2], np.int64))], dtype=np.int64)
-    causal = node("LessOrEqual", [slots, query_col], dtype=np.bool_)
-    valid = node("Unsqueeze", [node("Cast", [mask], {"to": TensorProto.BOOL}, np.bool_),
-                               const("axis1", np.array([1], np.int64))], dtype=np.bool_)
-    visible = node("And", [causal, valid], dtype=np.bool_)
-    masks: dict = {}
-
-    def mask_for(window):
-        if window not in masks:
-            shown = visible
-            if window is not None:
-                start = node("Sub", [query_col, const("window", np.array(window, np.int64))], dtype=np.int64)
-                shown = node("And", [shown, node("Greater", [slots, start], dtype=np.bool_)], dtype=np.bool_)
-            masks[window] = node("Unsqueeze", [shown, const("axis1", np.array([1], np.int64))],
-                                 dtype=np.bool_, shape=[batch, 1, None, cache_len])
-        return masks[window]
-
-    layers = []
-    for attention in (n for n in g.nodes if n.op == "Attention"):
-        window = windows[attention.name]
-        attention.inputs[3] = mask_for(window)
-        layers.append({"attention": attention.name, "window": window})
-    anchors = []
-    for past, present in layout.pairs:
-        concat, chain = tensors[present].inputs[0], []
-        while concat.op != "Concat":  # no-op Casts / Identity (find_layout checked them)
-            chain.append(concat)
-            concat = concat.inputs[0].inputs[0]
-        anchors.append(f"Concat '{concat.name}'")
-        concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
-        concat.name = names("kv_static/TensorScatter")
-        concat.inputs.append(write)  # (past, new, write_position)
-        if chain:  # the scatter writes the output itself, as TensorRT's in-place update wants
-            target = tensors[present]
-            between = [concat.outputs[0]] + [hop.outputs[0] for hop in chain[1:]]
-            for hop in chain:
-                hop.inputs.clear()
-                hop.outputs.clear()
-            for tensor in between:
-                for user in list(tensor.outputs):
-                    for i, t in enumerate(user.inputs):
-                        if t is tensor:
-                            user.inputs[i] = target
-            concat.outputs[0] = target
-    repointed = []
-    for node_name, index in positions:
-        user = next(n for n in g.nodes if n.name == node_name)
-        wanted = user.inputs[index].dtype
-        ids = query
-        if wanted is not None and np.dtype(wanted) != np.int64:
-            ids = node("Cast", [query], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(wanted))},
-                       dtype=wanted)
-        user.inputs[index] = ids
-        repointed.append(f"{user.op} '{user.name}'")
-
-    from .rewrite import tidy
-
-    tidy(g)
-    _require_gone(g, layout, tensors, position_users)
-    out = gs.export_onnx(g, do_type_check=False)
-    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(out, name, getattr(model, name))
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    del out.functions[:]
-    out.functions.extend(model.functions)
-    pairs = {present: past for past, present in layout.pairs}
-    meta = {"onnx_fuse.kv_cache.pairs": json.dumps(pairs), "onnx_fuse.kv_cache.max_cache_len": str(cache_len),
-            "onnx_fuse.kv_cache.write_position": write.name, "onnx_fuse.kv_cache.attention_mask": layout.mask}
-    kept = [p for p in model.metadata_props if p.key not in meta]
-    del out.metadata_props[:]
-    out.metadata_props.extend(kept)
-    for key, value in meta.items():
-        entry = out.metadata_props.add()
-        entry.key, entry.value = key, value
-    for n in out.graph.node:
-        if n.op_type == "TensorScatter" and n.name.startswith("kv_static/"):
-            n.doc_string = "onnx-fuse rule: kv_cache (--kv-cache static)"
-            entry = n.metadata_props.add()
-            entry.key, entry.value = "onnx_fuse.rule", "kv_cache"
-    for value in out.graph.value_info:  # stale lengths (past + S) from before the conversion
-        if value.name in pairs or value.name in pairs.values():
-            value.type.tensor_type.shape.dim[2].Clear()
-            value.type.tensor_type.shape.dim[2].dim_value = cache_len
+    positions, tables, position_users = _positions(model, layout, cache_len, base_dir)
+    rewrite = _Conversion(model, layout, cache_len)
+    layers = rewrite.masks(windows)
+    anchors = rewrite.writes()
+    repointed = rewrite.repoint(positions)
+    tidy(rewrite.g)
+    _require_gone(rewrite.g, layout, rewrite.tensors, position_users)
+    out = rewrite.export()
     section = {
-        "mode": "static", "max_cache_len": cache_len, "pairs": pairs, "write_position": write.name,
+        "mode": "static", "max_cache_len": cache_len, "pairs": rewrite.pairs,
+        "write_position": rewrite.write.name,
         "attention_mask": f"{layout.mask} [batch, {cache_len}]: 1 = the slot holds a valid token "
                           "(this step's included)",
         "layers": layers, "positions": repointed, "position_tables": tables, "anchors": anchors,
     }
     return out, section
 
+
+class _Conversion:
+    """The fused model's graph, rewritten to the fixed-cache interface step by step."""
+
+    def __init__(self, model: onnx.ModelProto, layout: Layout, cache_len: int):
+        self.model, self.layout, self.cache_len = model, layout, cache_len
+        self.g = gs.import_onnx(model)
+        self.tensors = self.g.tensors()
+        self.names = FreshNames(model.graph)
+        self.pairs = {present: past for past, present in layout.pairs}
+        batch = layout.batch_dim
+        self.write = gs.Variable(self.names(WRITE_POSITION), np.int64, [batch])
+        self.g.inputs.append(self.write)
+        self.tensors[layout.mask].shape = [batch, cache_len]
+        for past, present in layout.pairs:
+            heads, head = layout.cache_dims[past]
+            self.tensors[past].shape = [batch, heads, cache_len, head]
+            self.tensors[present].shape = [batch, heads, cache_len, head]
+        self.query = self._query_positions()
+        self._visible = self._visibility()
+        self._masks: dict = {}
+
+    def node(self, op, inputs, attrs=None, dtype=None, shape=None):
+        out = gs.Variable(self.names(f"kv_static/{op}_out"), dtype, shape)
+        self.g.nodes.append(gs.Node(op, self.names(f"kv_static/{op}"), attrs or {}, inputs, [out]))
+        return out
+
+    def const(self, prefix, value):
+        return gs.Constant(self.names(f"kv_static/{prefix}"), np.asarray(value))
+
+    def _axis(self, name: str, axis: int):
+        return self.const(name, np.array([axis], np.int64))
+
+    def _query_positions(self):
+        """[B, S]: write_position[b] + t, the slot (and position) of row b's new token t."""
+        seq = self.node("Shape", [self.tensors[self.layout.ids]], {"start": 1, "end": 2}, np.int64, [1])
+        seq = self.node("Squeeze", [seq, self._axis("axis0", 0)], dtype=np.int64, shape=[])
+        steps = self.node("Range", [self.const("zero", np.array(0, np.int64)), seq,
+                                    self.const("one", np.array(1, np.int64))], dtype=np.int64, shape=["S"])
+        rows = self.node("Unsqueeze", [self.write, self._axis("axis1", 1)], dtype=np.int64)
+        cols = self.node("Unsqueeze", [steps, self._axis("axis0", 0)], dtype=np.int64)
+        return self.node("Add", [rows, cols], dtype=np.int64, shape=[self.layout.batch_dim, None])
+
+    def _visibility(self):
+        """[B, S, N]: a valid slot, at or before the query's own slot."""
+        self._slots = self.const("slots", np.arange(self.cache_len, dtype=np.int64).reshape(1, 1, -1))
+        self._query_col = self.node("Unsqueeze", [self.query, self._axis("axis2", 2)], dtype=np.int64)
+        causal = self.node("LessOrEqual", [self._slots, self._query_col], dtype=np.bool_)
+        flags = self.node("Cast", [self.tensors[self.layout.mask]], {"to": TensorProto.BOOL}, np.bool_)
+        valid = self.node("Unsqueeze", [flags, self._axis("axis1", 1)], dtype=np.bool_)
+        return self.node("And", [causal, valid], dtype=np.bool_)
+
+    def _mask(self, window):
+        """[B, 1, S, N] boolean, with the sliding window W: slot j > query - W."""
+        if window not in self._masks:
+            shown = self._visible
+            if window is not None:
+                start = self.node("Sub", [self._query_col, self.const("window", np.array(window, np.int64))],
+                                  dtype=np.int64)
+                inside = self.node("Greater", [self._slots, start], dtype=np.bool_)
+                shown = self.node("And", [shown, inside], dtype=np.bool_)
+            self._masks[window] = self.node("Unsqueeze", [shown, self._axis("axis1", 1)], dtype=np.bool_,
+                                            shape=[self.layout.batch_dim, 1, None, self.cache_len])
+        return self._masks[window]
+
+    def masks(self, windows: dict[str, int | None]) -> list[dict]:
+        """Every Attention reads the whole fixed cache through the mask of its window."""
+        layers = []
+        for attention in (n for n in self.g.nodes if n.op == "Attention"):
+            if attention.name not in windows:
+                raise BadInput(f"Attention '{attention.name}' was not fused by this pass: "
+                               "its mask is not proven")
+            attention.inputs[3] = self._mask(windows[attention.name])
+            layers.append({"attention": attention.name, "window": windows[attention.name]})
+        return layers
+
+    def writes(self) -> list[str]:
+        """Each Concat(past, new) becomes TensorScatter(past, new, write_position) writing the
+        present output itself (no-op Casts after it dropped), as TensorRT's in-place update wants."""
+        anchors = []
+        for past, present in self.layout.pairs:
+            concat, chain = self.tensors[present].inputs[0], []
+            while concat.op != "Concat":  # no-op Casts / Identity (find_layout checked them)
+                chain.append(concat)
+                concat = concat.inputs[0].inputs[0]
+            anchors.append(f"Concat '{concat.name}'")
+            concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
+            concat.name = self.names("kv_static/TensorScatter")
+            concat.inputs.append(self.write)  # (past, new, write_position)
+            if chain:
+                self._drop(chain, concat, self.tensors[present])
+        return anchors
+
+    @staticmethod
+    def _drop(chain: list, scatter, target) -> None:
+        between = [scatter.outputs[0]] + [hop.outputs[0] for hop in chain[1:]]
+        for hop in chain:
+            hop.inputs.clear()
+            hop.outputs.clear()
+        for tensor in between:
+            for user in list(tensor.outputs):
+                for i, t in enumerate(user.inputs):
+                    if t is tensor:
+                        user.inputs[i] = target
+        scatter.outputs[0] = target
+
+    def repoint(self, positions: list[tuple[str, int]]) -> list[str]:
+        """The position readers read write_position + t (in the type they read)."""
+        repointed = []
+        for node_name, index in positions:
+            user = next(n for n in self.g.nodes if n.name == node_name)
+            wanted = user.inputs[index].dtype
+            ids = self.query
+            if wanted is not None and np.dtype(wanted) != np.int64:
+                ids = self.node("Cast", [self.query], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(wanted))},
+                                dtype=wanted)
+            user.inputs[index] = ids
+            repointed.append(f"{user.op} '{user.name}'")
+        return repointed
+
+    def export(self) -> onnx.ModelProto:
+        """The graph as a model with the source's metadata, the cache pairs recorded."""
+        model, out = self.model, gs.export_onnx(self.g, do_type_check=False)
+        for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(out, name, getattr(model, name))
+        del out.opset_import[:]
+        out.opset_import.extend(model.opset_import)
+        del out.functions[:]
+        out.functions.extend(model.functions)
+        meta = {"onnx_fuse.kv_cache.pairs": json.dumps(self.pairs),
+                "onnx_fuse.kv_cache.max_cache_len": str(self.cache_len),
+                "onnx_fuse.kv_cache.write_position": self.write.name,
+                "onnx_fuse.kv_cache.attention_mask": self.layout.mask}
+        kept = [p for p in model.metadata_props if p.key not in meta]
+        del out.metadata_props[:]
+        out.metadata_props.extend(kept)
+        for key, value in meta.items():
+            entry = out.metadata_props.add()
+            entry.key, entry.value = key, value
+        for n in out.graph.node:
+            if n.op_type == "TensorScatter" and n.name.startswith("kv_static/"):
+                n.doc_string = "onnx-fuse rule: kv_cache (--kv-cache static)"
+                entry = n.metadata_props.add()
+                entry.key, entry.value = "onnx_fuse.rule", "kv_cache"
+        for value in out.graph.value_info:  # stale lengths (past + S) from before the conversion
+            if value.name in self.pairs or value.name in self.pairs.values():
+                value.type.tensor_type.shape.dim[2].Clear()
+                value.type.tensor_type.shape.dim[2].dim_value = self.cache_len
+        return out
 
 
 def _require_gone(g: gs.Graph, layout: Layout, tensors: dict, position_users: set[str]) -> None:
@@ -347,67 +409,21 @@ def _reads_batch_only(node: gs.Node) -> bool:
     return start in (0, -2) and end in (1, -1)
 
 
-# --------------------------------------------------------------------------- analysis
+# --------------------------------------------------------------------------- positions
 
 
-def _analyse(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None):
-    """Per Attention node its window (None: causal only), and the (node, input index) of every
-    position use to re-point; the positions' tables as {name: rows}. Evaluates the fused model
-    at two sizes whose key length reaches cache_len - 1."""
-    from .check import ModelRef, run_model
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+def _positions(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None):
+    """The (node, input index) of every position use to re-point, the position tables as
+    {name: rows}, and the names of position readers it cannot re-point. Positions are the
+    integer tensors that evaluate to past + arange(S) in the fused model at two sizes whose key
+    length reaches cache_len - 1."""
     constants = {t.name: list(t.dims) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
             constants[n.output[0]] = None
-    attentions = [n for n in model.graph.node if n.op_type == "Attention"]
-    leftover = [n for n in model.graph.node if n.op_type == "Softmax"]
-    if not attentions or leftover:
-        where = f" (Softmax '{leftover[0].name}' remains)" if leftover else ""
-        raise BadInput("not every attention core was fused into Attention" + where +
-                       ": --kv-cache static re-masks fused attention only")
-    for a in attentions:
-        if len(a.input) < 4 or not a.input[3]:
-            raise BadInput(f"Attention '{a.name}' has no mask to re-express over the fixed cache")
-    integers = {TensorProto.INT64, TensorProto.INT32}
-    candidates = [name for n in model.graph.node for name in n.output
-                  if types.get(name) in integers and name not in constants]
-    watched = list(dict.fromkeys([a.input[3] for a in attentions] + candidates))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in watched:
-        if name not in existing:
-            probe.graph.output.add().name = name
-    ref = ModelRef(probe, base_dir)
-
-    sizes = [(1, cache_len - 1), (3, max(1, cache_len - 4))]
-    runs = []
-    rng = np.random.default_rng(1)
-    for seq, past in sizes:
-        feeds, am = _probe_inputs(layout, 2, seq, past, rng)
-        try:
-            runs.append((seq, past, am, run_model(ref, feeds)))
-        except Exception as exc:  # onnxruntime raises many unrelated exception types
-            error = ' '.join(str(exc).split())[:200]
-            try:  # does it run with a short past? Then the cache is longer than the model allows
-                run_model(ref, _probe_inputs(layout, 2, 1, 2, rng)[0])
-            except Exception:
-                raise BadInput(f"the fused model does not run: {error}") from None
-            raise BadInput(f"--max-cache-len {cache_len} is more than the model supports: it does "
-                           f"not run with {past + seq} positions ({error})") from None
-
-    windows = {}
-    for a in attentions:
-        window = _window(a, runs)
-        windows[a.name] = window
-
-    # positions: integer tensors equal to past + arange(S) at both sizes
+    candidates, runs = _evaluate_integers(model, layout, cache_len, base_dir, constants)
     valued = {name for name in candidates
-              if all(_is_positions(out.get(name), seq, past) for seq, past, _, out in runs)}
+              if all(_is_positions(out.get(name), seq, past) for seq, past, out in runs)}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for n in model.graph.node:
         for i, name in enumerate(n.input):
@@ -428,7 +444,39 @@ def _analyse(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: s
         if cache_len > rows:
             raise BadInput(f"--max-cache-len {cache_len} exceeds the {rows} positions of the model's "
                            f"position table '{table}'")
-    return windows, sorted(set(repoint)), tables, {u.name for u in unhandled}
+    return sorted(set(repoint)), tables, {u.name for u in unhandled}
+
+
+def _evaluate_integers(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
+                       constants: dict):
+    """The computed integer tensors of the model, and their values at the two probe sizes."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    integers = {TensorProto.INT64, TensorProto.INT32}
+    candidates = [name for n in model.graph.node for name in n.output
+                  if types.get(name) in integers and name not in constants]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in dict.fromkeys(candidates):
+        if name not in existing:
+            probe.graph.output.add().name = name
+    ref = ModelRef(probe, base_dir)
+    runs, rng = [], np.random.default_rng(1)
+    for seq, past in [(1, cache_len - 1), (3, max(1, cache_len - 4))]:
+        feeds, _ = _probe_inputs(layout, 2, seq, past, rng)
+        try:
+            runs.append((seq, past, run_model(ref, feeds)))
+        except Exception as exc:  # onnxruntime raises many unrelated exception types
+            error = " ".join(str(exc).split())[:200]
+            try:  # does it run with a short past? Then the cache is longer than the model allows
+                run_model(ref, _probe_inputs(layout, 2, 1, 2, rng)[0])
+            except Exception:
+                raise BadInput(f"the fused model does not run: {error}") from None
+            raise BadInput(f"--max-cache-len {cache_len} is more than the model supports: it does "
+                           f"not run with {past + seq} positions ({error})") from None
+    return candidates, runs
 
 
 def _probe_inputs(layout: Layout, batch: int, seq: int, past: int, rng):
@@ -441,47 +489,6 @@ def _probe_inputs(layout: Layout, batch: int, seq: int, past: int, rng):
         heads, head = layout.cache_dims[name]
         feeds[name] = rng.standard_normal((batch, heads, past, head)).astype(layout.dtypes[name])
     return feeds, am
-
-
-def _window(attention: onnx.NodeProto, runs) -> int | None:
-    """The template the Attention's mask follows at every evaluated size: visible iff
-    attention_mask[b, j] and j <= past + t, and j > past + t - W for a window W (None: none).
-    The first size's keys reach cache_len - 1, so a window shorter than the cache shows."""
-    evaluated = []
-    for seq, past, am, out in runs:
-        value = np.asarray(out[attention.input[3]])
-        visible = value if value.dtype == np.bool_ else value > _HIDDEN_AT_OR_BELOW
-        total = past + seq
-        if visible.ndim > 4 or visible.shape[-2:] != (seq, total):
-            raise BadInput(f"the mask of Attention '{attention.name}' has shape {visible.shape}, "
-                           f"not [.., {seq}, {total}]")
-        visible = visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
-        visible = np.broadcast_to(visible, (am.shape[0], visible.shape[1], seq, total))
-        if not np.all(visible == visible[:, :1]):
-            raise BadInput(f"the mask of Attention '{attention.name}' differs between heads")
-        evaluated.append((seq, past, am, visible[:, 0]))
-    # candidate windows: how far back the unpadded row 0 sees, per query, at every size
-    options = {None}
-    for seq, past, am, visible in evaluated:
-        options |= {past + i - int(np.argmax(row)) + 1 for i, row in enumerate(visible[0]) if row.any()}
-
-    def fits(window) -> bool:
-        for seq, past, am, visible in evaluated:
-            t = np.arange(seq)[:, None] + past
-            j = np.arange(past + seq)[None, :]
-            shown = (j <= t)[None] & (am[:, None, :] == 1)
-            if window is not None:
-                shown = shown & (j > t - window)[None]
-            if not np.array_equal(visible, shown):
-                return False
-        return True
-
-    found = [w for w in options if fits(w)]
-    if not found:
-        raise BadInput(f"the mask of Attention '{attention.name}' is not causal (+ a sliding window) "
-                       "and padding: it cannot be re-expressed over a fixed cache")
-    # a window no shorter than every evaluated key length (the cache's) hides nothing: causal
-    return None if None in found else min(found)
 
 
 def _is_positions(value, seq: int, past: int) -> bool:
@@ -503,100 +510,112 @@ def check_static(original, converted, layout: Layout, cache_len: int, *, steps: 
     compare the logits (every non-cache output) at every step and the valid part of every cache.
     Returns the report's `check`: {passed, outputs: {name: {max_abs, max_rel, passed}}, message,
     steps, scenarios}."""
-    from .check import compare_output, session_for, run_session
-
-    ref, cand = session_for(original), session_for(converted)
-    write = _meta(converted.model, "onnx_fuse.kv_cache.write_position") or WRITE_POSITION
     longest = min(4, cache_len - steps)
     if longest < 2:
         raise BadInput(f"--max-cache-len {cache_len} leaves no room for a past of 2 and {steps} steps")
     lengths = [longest, max(1, longest - 2)]
-    start = longest  # the left-padded batch's past (row 1 padded by 2)
-    stats: dict[str, list] = {}
-    problems: list[str] = []
-    rng = np.random.default_rng(seed)
+    drive = _Decode(original, converted, layout, cache_len, seed)
+    try:
+        drive.ragged(lengths, steps)
+        drive.left_padded(longest, steps)
+    except Exception as exc:  # a model that fails to run fails the check
+        if isinstance(exc, BadInput):
+            raise
+        drive.problems.append(f"a model failed to run: {' '.join(str(exc).split())[:300]}")
+    problems = drive.problems
+    outputs = {name: {"max_abs": float(a), "max_rel": float(r), "passed": bool(p)}
+               for name, (a, r, p) in drive.stats.items()}
+    message = (f"{steps} decode steps agree (batch 2, ragged rows of {lengths[0]} and {lengths[1]} "
+               f"tokens, and a left-padded batch)" if not problems
+               else problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return {"passed": not problems, "outputs": outputs, "message": message, "steps": steps,
+            "scenarios": {"ragged": {"valid_lengths": lengths, "first_write_positions": lengths},
+                          "left_padded": {"past": longest, "padding": [0, 2]}}}
 
-    def record(name, actual, expected, where):
+
+class _Decode:
+    """The two models driven side by side through decode steps, differences recorded."""
+
+    def __init__(self, original, converted, layout: Layout, cache_len: int, seed: int):
+        self.ref, self.cand = session_for(original), session_for(converted)
+        self.write = _meta(converted.model, "onnx_fuse.kv_cache.write_position") or WRITE_POSITION
+        self.layout, self.cache_len = layout, cache_len
+        self.presents = {present for _, present in layout.pairs}
+        self.rng = np.random.default_rng(seed)
+        self.stats: dict[str, list] = {}
+        self.problems: list[str] = []
+
+    def record(self, name, actual, expected, where) -> None:
         diff, problem = compare_output(actual, expected)
-        entry = stats.setdefault(name, [0.0, 0.0, True])
+        entry = self.stats.setdefault(name, [0.0, 0.0, True])
         entry[0], entry[1] = max(entry[0], diff.max_abs), max(entry[1], diff.max_rel)
         entry[2] = entry[2] and diff.passed
         if problem:
-            problems.append(f"{where}: '{name}' differs: {problem}")
+            self.problems.append(f"{where}: '{name}' differs: {problem}")
 
-    def caches(batch, length):
-        return {name: rng.standard_normal((batch, *_kv(layout, name, length))).astype(layout.dtypes[name])
+    def caches(self, batch: int, length: int) -> dict:
+        layout = self.layout
+        return {name: self.rng.standard_normal((batch, *_kv(layout, name, length))).astype(layout.dtypes[name])
                 for name, _ in layout.pairs}
 
-    presents = {present for _, present in layout.pairs}
-    # ragged: each row on its own in the original, both rows in one fixed cache
-    pasts = [caches(1, length) for length in lengths]
-    fixed = caches(2, cache_len)
-    for b, length in enumerate(lengths):
-        for name in fixed:
-            fixed[name][b, :, :length] = pasts[b][name][0]
-    try:
+    def ids(self):
+        return self.rng.integers(0, self.layout.vocab, (2, 1)).astype(self.layout.dtypes[self.layout.ids])
+
+    def ragged(self, lengths: list[int], steps: int) -> None:
+        """Row b holds lengths[b] tokens in the fixed cache; the original runs each row alone
+        (batch 1) with its own growing past."""
+        layout = self.layout
+        pasts = [self.caches(1, length) for length in lengths]
+        fixed = self.caches(2, self.cache_len)
+        for b, length in enumerate(lengths):
+            for name in fixed:
+                fixed[name][b, :, :length] = pasts[b][name][0]
         for step in range(steps):
-            ids = rng.integers(0, layout.vocab, (2, 1)).astype(layout.dtypes[layout.ids])
-            outs = []
-            for b, length in enumerate(lengths):
-                feeds = {layout.ids: ids[b:b + 1], **pasts[b],
-                         layout.mask: np.ones((1, length + step + 1), layout.dtypes[layout.mask])}
-                outs.append(run_session(ref, feeds))
-            am = np.zeros((2, cache_len), layout.dtypes[layout.mask])
+            ids = self.ids()
+            outs = [run_session(self.ref, {layout.ids: ids[b:b + 1], **pasts[b],
+                                           layout.mask: np.ones((1, length + step + 1), layout.dtypes[layout.mask])})
+                    for b, length in enumerate(lengths)]
+            am = np.zeros((2, self.cache_len), layout.dtypes[layout.mask])
             for b, length in enumerate(lengths):
                 am[b, :length + step + 1] = 1
-            got = run_session(cand, {layout.ids: ids, layout.mask: am, **fixed,
-                              write: np.array([n + step for n in lengths], np.int64)})
+            got = run_session(self.cand, {layout.ids: ids, layout.mask: am, **fixed,
+                                          self.write: np.array([n + step for n in lengths], np.int64)})
             for b, length in enumerate(lengths):
-                where = f"ragged step {step + 1}, row {b}"
-                valid = length + step + 1
-                for name, expected in outs[b].items():
-                    if name in presents:
-                        record(name, got[name][b:b + 1, :, :valid], expected, where)
-                    else:
-                        record(name, got[name][b:b + 1], expected, where)
-                for past, present in layout.pairs:
-                    if not np.array_equal(got[present][b, :, valid:], fixed[past][b, :, valid:]):
-                        problems.append(f"{where}: '{present}' changed slots past the valid {valid}")
-                    pasts[b][past] = outs[b][present]
+                self._compare_row(got, outs[b], fixed, b, length + step + 1, f"ragged step {step + 1}, row {b}")
+                pasts[b] = {past: outs[b][present] for past, present in layout.pairs}
             fixed = {past: got[present] for past, present in layout.pairs}
 
-        # left-padded: the original's own batch-2 run, mirrored slot for slot
-        past = caches(2, start)
-        fixed = caches(2, cache_len)
+    def _compare_row(self, got: dict, expected: dict, fixed: dict, b: int, valid: int, where: str) -> None:
+        for name, value in expected.items():
+            cut = got[name][b:b + 1, :, :valid] if name in self.presents else got[name][b:b + 1]
+            self.record(name, cut, value, where)
+        for past, present in self.layout.pairs:
+            if not np.array_equal(got[present][b, :, valid:], fixed[past][b, :, valid:]):
+                self.problems.append(f"{where}: '{present}' changed slots past the valid {valid}")
+
+    def left_padded(self, start: int, steps: int) -> None:
+        """The original's own batch-2 run with row 1 left-padded by 2, mirrored slot for slot."""
+        layout = self.layout
+        past = self.caches(2, start)
+        fixed = self.caches(2, self.cache_len)
         for name in fixed:
             fixed[name][:, :, :start] = past[name]
         am_orig = np.ones((2, start), layout.dtypes[layout.mask])
         am_orig[1, :2] = 0
         for step in range(steps):
-            ids = rng.integers(0, layout.vocab, (2, 1)).astype(layout.dtypes[layout.ids])
+            ids = self.ids()
             am_orig = np.concatenate([am_orig, np.ones((2, 1), am_orig.dtype)], axis=1)
-            expected = run_session(ref, {layout.ids: ids, layout.mask: am_orig, **past})
-            am = np.zeros((2, cache_len), layout.dtypes[layout.mask])
+            expected = run_session(self.ref, {layout.ids: ids, layout.mask: am_orig, **past})
+            am = np.zeros((2, self.cache_len), layout.dtypes[layout.mask])
             am[:, :am_orig.shape[1]] = am_orig
             position = start + step
-            got = run_session(cand, {layout.ids: ids, layout.mask: am, **fixed,
-                              write: np.array([position, position], np.int64)})
-            where = f"left-padded step {step + 1}"
+            got = run_session(self.cand, {layout.ids: ids, layout.mask: am, **fixed,
+                                          self.write: np.array([position, position], np.int64)})
             for name, value in expected.items():
-                record(name, got[name][:, :, :position + 1] if name in presents else got[name], value, where)
+                cut = got[name][:, :, :position + 1] if name in self.presents else got[name]
+                self.record(name, cut, value, f"left-padded step {step + 1}")
             past = {p: expected[q] for p, q in layout.pairs}
             fixed = {p: got[q] for p, q in layout.pairs}
-    except Exception as exc:  # a model that fails to run fails the check
-        if isinstance(exc, BadInput):
-            raise
-        problems.append(f"a model failed to run: {' '.join(str(exc).split())[:300]}")
-
-    outputs = {name: {"max_abs": float(a), "max_rel": float(r), "passed": bool(p)}
-               for name, (a, r, p) in stats.items()}
-    passed = not problems
-    message = (f"{steps} decode steps agree (batch 2, ragged rows of {lengths[0]} and {lengths[1]} "
-               f"tokens, and a left-padded batch)" if passed
-               else problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return {"passed": passed, "outputs": outputs, "message": message, "steps": steps,
-            "scenarios": {"ragged": {"valid_lengths": lengths, "first_write_positions": lengths},
-                          "left_padded": {"past": start, "padding": [0, 2]}}}
 
 
 def _kv(layout: Layout, name: str, length: int) -> tuple:

@@ -20,10 +20,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from . import runtime
 from .errors import first_line
 from .dims import dim_symbols, eval_dim
 from .graph import Graph, Tensor, onnx_dtype
+from .verify import node_proto, session
 
 # Initializer elements a mask program may carry to compute the shape of an intermediate whose
 # shape shape inference left symbolic (e.g. embeddings behind a Reshape). Heavier tables that are
@@ -103,10 +103,7 @@ def extract(graph: Graph, mask: Tensor, model) -> Program:
 def session_of(program: Program):
     """The program's onnxruntime session; raises Unsupported if onnxruntime rejects it."""
     if program.session is None:
-        try:
-            program.session = runtime.session(program.model_bytes)
-        except Exception as e:  # onnxruntime raises many types
-            raise Unsupported(f"onnxruntime cannot load the mask subgraph: {first_line(e)}") from e
+        program.session = session(program.model_bytes, None, "the mask subgraph", error=Unsupported)
     return program.session
 
 
@@ -327,41 +324,64 @@ def _build(graph: Graph, mask: Tensor, model) -> Program:
 
 def _emit(graph: Graph, mask: Tensor, model, walk: _Walk, program: Program) -> None:
     """Write the walked subgraph as a model (program.model_bytes and its feeds)."""
-
-    # Canonical names, so that identical subgraphs (a mask each layer recomputes) serialize
-    # identically and share one evaluation.
-    names: dict[int, str] = {}
-    inputs = {**walk.value_inputs, **{n: t for n, t in walk.shape_inputs.items() if n not in walk.value_inputs}}
-    ordered_inputs = [t for t in graph.gs.inputs if t.name in inputs]
-    for t in ordered_inputs:
-        names[id(t)] = t.name
-
-    def name_of(t: Tensor, prefix: str) -> str:
-        if id(t) not in names:
-            names[id(t)] = f"{prefix}{len(names)}"
-        return names[id(t)]
-
-    initializers, nodes, feeds = [], [], []
-    constants_seen: set[int] = set()
-    int_constants: set[int] = set()
-
-    def add_constant(c: gs.Constant) -> None:
-        if id(c) in constants_seen:
-            return
-        constants_seen.add(id(c))
-        shrink = id(c) in walk.shrink and id(c) not in walk.value_constants
-        proto = _stand_in(c) if shrink else _constant_proto(c)
-        proto.name = name_of(c, "c")
-        initializers.append(proto)
-        _collect_ints(c, int_constants)
-
+    writer = _Writer(graph, walk)
     for c in walk.constants.values():
-        add_constant(c)
-    for node in walk.order:
-        if id(node) in walk.shape_feeds:
-            continue
+        writer.constant(c)
+    nodes = [writer.node(n) for n in walk.order if id(n) not in walk.shape_feeds]
+    feeds = [_shape_feed(graph, n, writer.name_of(n.outputs[0], "shape"), id(n) in walk.inferred)
+             for n in walk.shape_feeds.values()]
+    out_name = writer.names.get(id(mask)) or writer.name_of(mask, "t")
+    if not isinstance(mask, gs.Constant) and out_name not in [o for n in nodes for o in n.output] \
+            and out_name not in [f.name for f in feeds]:
+        raise Unsupported("internal: the mask tensor was not reached")
+    graph_inputs = [helper.make_tensor_value_info(t.name, onnx_dtype(t),
+                                                  [d if isinstance(d, int) else None for d in (t.shape or [])])
+                    for t in writer.inputs]
+    graph_inputs += [helper.make_tensor_value_info(f.name, TensorProto.INT64, None if f.size else [None])
+                     for f in feeds]
+    outputs = [helper.make_tensor_value_info(out_name, program.dtype, None)]
+    if out_name in [f.name for f in feeds] or isinstance(mask, gs.Constant) and not nodes:
+        # A graph output may not be an input or an initializer: pass it through an Identity.
+        nodes.append(helper.make_node("Identity", [out_name], ["mask_out"]))
+        outputs = [helper.make_tensor_value_info("mask_out", program.dtype, None)]
+    program.model_bytes = _model(graph, model, helper.make_graph(
+        nodes, "mask", graph_inputs, outputs, writer.initializers)).SerializeToString()
+    program.inputs, program.shape_feeds = writer.inputs, feeds
+    program.int_constants = sorted(writer.int_constants)
+    program.fingerprint = _fingerprint(program.model_bytes, feeds)
+
+
+class _Writer:
+    """The walked nodes and constants as protos with canonical names, so that identical
+    subgraphs (a mask each layer recomputes) serialize identically and share one evaluation."""
+
+    def __init__(self, graph: Graph, walk: _Walk):
+        self.walk = walk
+        wanted = {**walk.value_inputs, **walk.shape_inputs}
+        self.inputs = [t for t in graph.gs.inputs if t.name in wanted]
+        self.names: dict[int, str] = {id(t): t.name for t in self.inputs}
+        self.initializers: list[onnx.TensorProto] = []
+        self.int_constants: set[int] = set()
+        self._constants: set[int] = set()
+
+    def name_of(self, t: Tensor, prefix: str) -> str:
+        if id(t) not in self.names:
+            self.names[id(t)] = f"{prefix}{len(self.names)}"
+        return self.names[id(t)]
+
+    def constant(self, c: gs.Constant) -> None:
+        if id(c) in self._constants:
+            return
+        self._constants.add(id(c))
+        shrink = id(c) in self.walk.shrink and id(c) not in self.walk.value_constants
+        proto = _stand_in(c) if shrink else _constant_proto(c)
+        proto.name = self.name_of(c, "c")
+        self.initializers.append(proto)
+        _collect_ints(c, self.int_constants)
+
+    def node(self, node: gs.Node) -> onnx.NodeProto:
         proto = onnx.NodeProto()
-        proto.CopyFrom(_export_node(node))
+        proto.CopyFrom(node_proto(node))
         proto.name = ""
         del proto.input[:]
         del proto.output[:]
@@ -370,58 +390,31 @@ def _emit(graph: Graph, mask: Tensor, model, walk: _Walk, program: Program) -> N
                 proto.input.append("")
                 continue
             if isinstance(t, gs.Constant):
-                add_constant(t)
-            proto.input.append(name_of(t, "t"))
-        proto.output.extend(name_of(t, "t") for t in node.outputs)
+                self.constant(t)
+            proto.input.append(self.name_of(t, "t"))
+        proto.output.extend(self.name_of(t, "t") for t in node.outputs)
         if node.op == "Constant":
-            _collect_node_ints(node, int_constants)
-        nodes.append(proto)
-    for node in walk.shape_feeds.values():
-        feed = _shape_feed(graph, node, name_of(node.outputs[0], "shape"), id(node) in walk.inferred)
-        feeds.append(feed)
-    if isinstance(mask, gs.Constant):
-        out_name = names[id(mask)]
-    else:
-        out_name = names.get(id(mask)) or name_of(mask, "t")
-        if out_name not in [o for n in nodes for o in n.output] and \
-                out_name not in [f.name for f in feeds]:
-            raise Unsupported("internal: the mask tensor was not reached")
+            _collect_node_ints(node, self.int_constants)
+        return proto
 
-    graph_inputs = []
-    for t in ordered_inputs:
-        elem = onnx_dtype(t)
-        shape = [d if isinstance(d, int) else None for d in (t.shape or [])]
-        graph_inputs.append(helper.make_tensor_value_info(t.name, elem, shape))
-    for f in feeds:
-        graph_inputs.append(helper.make_tensor_value_info(f.name, TensorProto.INT64, None if f.size else [None]))
-    outputs = [helper.make_tensor_value_info(out_name, program.dtype, None)]
-    if out_name in [f.name for f in feeds] or isinstance(mask, gs.Constant) and not nodes:
-        # A graph output may not be an input or an initializer: pass it through an Identity.
-        nodes.append(helper.make_node("Identity", [out_name], ["mask_out"]))
-        outputs = [helper.make_tensor_value_info("mask_out", program.dtype, None)]
-    g = helper.make_graph(nodes, "mask", graph_inputs, outputs, initializers)
+
+def _model(graph: Graph, model, body: onnx.GraphProto) -> onnx.ModelProto:
     opsets = [helper.make_opsetid(domain, version) for domain, version in graph.opsets.items()]
-    sub = helper.make_model(g, opset_imports=opsets)
+    sub = helper.make_model(body, opset_imports=opsets)
     sub.ir_version = max(helper.find_min_ir_version_for(opsets, True), 8,
                          model.ir_version if model is not None else 0)
     if model is not None:
         sub.functions.extend(model.functions)  # local functions the mask nodes may call
-    program.model_bytes = sub.SerializeToString()
-    program.inputs = ordered_inputs
-    program.shape_feeds = feeds
-    program.int_constants = sorted(int_constants)
-    digest = hashlib.sha1(program.model_bytes)
+    return sub
+
+
+def _fingerprint(model_bytes: bytes, feeds: list[ShapeFeed]) -> str:
+    digest = hashlib.sha1(model_bytes)
     for f in feeds:
         digest.update(repr((f.name, f.dims, f.start, f.end, f.size)).encode())
         if f.infer is not None:
             digest.update(f.infer.target.encode() + f.infer.model.SerializeToString())
-    program.fingerprint = digest.hexdigest()
-
-
-def _export_node(node: gs.Node) -> onnx.NodeProto:
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
-    return OnnxExporter.export_node(node)
+    return digest.hexdigest()
 
 
 def _constant_proto(c: gs.Constant) -> onnx.TensorProto:
@@ -513,7 +506,7 @@ def _shape_inference(graph: Graph, x: Tensor) -> ShapeInference:
             raise Unsupported(f"the shape of '{x.name}' passes through control flow")
         stack.extend(i for i in node.inputs if i.name)
     order = [n for n in graph.gs.nodes if id(n) in seen]  # graph order is topological
-    protos = [_export_node(n) for n in order]
+    protos = [node_proto(n) for n in order]
     inputs = [(t.name, input_dims(t)) for t in graph.gs.inputs if t.name in graph_inputs]
     value_infos = [helper.make_tensor_value_info(n, onnx_dtype(graph_inputs[n]), None) for n, _ in inputs]
     g = helper.make_graph(protos, "shape", value_infos + list(extra_inputs.values()),

@@ -59,13 +59,12 @@ from onnx import TensorProto, helper
 from .errors import first_line
 from .dims import dim_symbols, eval_dim
 from .graph import Graph, Tensor, onnx_dtype
+from .specs import HIDDEN_AT_OR_BELOW, MaskClass
 from .mask_program import (Program, Unsupported, extract, input_dims, input_named, input_symbols,
                            resolvable, session_of, shape_feed_values)
 
 # Largest mask (elements) the long probe may materialize.
 PROBE_LIMIT = 1 << 25
-# Additive values at or below this hide a key (exp underflows to 0 in every float type).
-HIDDEN_AT_OR_BELOW = -1e4
 # The image side given to symbolic image dims (as onnx_fuse.check does).
 _IMAGE_SIDE = 224
 
@@ -74,49 +73,6 @@ _IMAGE_SIDE = 224
 # length is past + query. A 2-D padding input gets, per row: none, left padding of 1, left padding
 # of about half, holes (every other key) (batch 1: left padding of 2).
 BASE_SIZES = ((3, 5, 0), (3, 1, 6), (4, 4, 3), (2, 1, 0), (1, 6, 2))
-
-
-@dataclass(frozen=True)
-class MaskClass:
-    """What a mask computes, proven by evaluation (see the module docstring for the templates).
-
-    kind:       "none", "padding", "causal_upper_left", "causal_lower_right", "causal_padding",
-                "sliding_window" or "arbitrary".
-    alignment:  "upper_left" | "lower_right" for the causal kinds and "sliding_window"; None
-                otherwise. Query i of Sq sits at key position c = i + (Skv - Sq) when lower-right
-                aligned (the query is the last Sq positions, as with a KV cache), c = i when
-                upper-left aligned.
-    window:     for "sliding_window": key j is visible from query i iff c - window < j <= c. A
-                query sees the `window` most recent keys including itself; this is Hugging Face's
-                convention (masking_utils.sliding_window_overlay: kv_idx > q_idx - sliding_window,
-                on top of kv_idx <= q_idx), so config.sliding_window = W gives window = W, and
-                ONNX Attention (opset 25, p - left_window_size <= j <= p) needs
-                left_window_size = window - 1.
-    padding:    visibility also requires attention_mask[b, j] == 1 for the 0/1 graph input named
-                by `padding_input` (the mask reads that input's values). Proven for 0/1 values,
-                which is what such an input holds; token ids never qualify.
-    reason:     for "arbitrary", why nothing fit; otherwise how it was proven (the sizes).
-    empty_rows: some query row hides every key at some evaluated size.
-    hides_with_minus_inf: the mask is additive and every hidden entry is -inf (an all-hidden
-                row is then NaN after the softmax, not an average of the keys).
-    padding_input: name of the graph input the padding condition reads (None if not padding).
-    sizes:      the (batch, query, key) sizes it was proven at.
-    """
-
-    kind: str
-    alignment: str | None = None
-    window: int | None = None
-    padding: bool = False
-    reason: str = ""
-    empty_rows: bool = False
-    hides_with_minus_inf: bool = False  # an additive mask whose hidden entries are all -inf
-    padding_input: str | None = None
-    sizes: tuple = ()
-
-    @property
-    def causal(self) -> bool:
-        return self.kind in ("causal_upper_left", "causal_lower_right", "causal_padding",
-                             "sliding_window")
 
 
 def _arbitrary(reason: str) -> MaskClass:

@@ -59,6 +59,18 @@ def load_model(path: str) -> SourceModel:
     return SourceModel(model, base_dir, path)
 
 
+def as_source(model) -> SourceModel:
+    """A path, an onnx.ModelProto or a SourceModel as the SourceModel the pass reads."""
+    if isinstance(model, SourceModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        validate(model, None, "model")
+        return SourceModel(model, None)
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        return load_model(str(model))
+    raise BadInput(f"expected a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
 def validate(model: onnx.ModelProto, base_dir: str | None, label: str = "model") -> None:
     """The checks every model must pass before any rule looks at it."""
     if model.ir_version < 1:

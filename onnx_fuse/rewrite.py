@@ -10,7 +10,7 @@ leaves the graph as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -29,7 +29,10 @@ class Rule:
     anchor: str  # op type whose nodes are candidates
     pattern: Pattern
     root: Callable[[Graph, Node], Tensor]  # anchor node -> tensor the pattern is matched at
-    describe: Callable[[Graph, Match], Any]  # verified match -> spec; raises Reject
+    describe: Callable[[Graph, Match], Any]  # match -> spec, its structure checked; raises Reject
+    # (graph, match, spec, target) -> None: proves that what the target emits for the spec
+    # computes what the matched subgraph did (onnx_fuse.verify); raises Reject if it does not.
+    verify: Callable[[Graph, Match, Any, "Emitter"], None] | None = None
 
 
 @dataclass
@@ -62,14 +65,33 @@ class PassResult:
         return counts
 
 
+@dataclass
+class PendingNode:
+    """A node a rewrite will add: its tensors are the graph's own or new ones."""
+
+    op: str
+    inputs: list
+    outputs: list
+    attrs: dict
+    domain: str
+
+
 class Rewrite:
-    """The new nodes of one fusion, collected first and applied to the graph all at once."""
+    """The new nodes of one fusion, collected first and applied to the graph all at once. A
+    rewrite that is not applied (its spec was refused) is discarded: the names it took are given
+    back, so a refused candidate leaves no trace in the output."""
 
     def __init__(self, graph: Graph, rule: str):
         self.graph, self.rule = graph, rule
-        self._nodes: list[tuple[str, list, list, dict, str]] = []
+        self.nodes: list[PendingNode] = []
         self._takeovers: list[Tensor] = []
         self._shared: dict = {}
+        self._names: list[str] = []
+
+    def _fresh(self, prefix: str) -> str:
+        name = self.graph.fresh_name(prefix)
+        self._names.append(name)
+        return name
 
     def shared(self, key, build: Callable[[], Tensor]) -> Tensor:
         """A tensor computed once per pass and reused by every fusion that asks for `key`
@@ -81,18 +103,23 @@ class Rewrite:
         return self._shared[key]
 
     def const(self, prefix: str, array: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.graph.fresh_name(prefix), np.asarray(array))
+        return gs.Constant(self._fresh(prefix), np.asarray(array))
 
     def op(self, op_type: str, inputs: list, attrs: dict | None = None, *, dtype=None,
            shape=None, domain: str = "", outputs: list[Tensor] | None = None) -> Tensor:
         """Add a node; returns its (first) output. `outputs` reuses existing tensors, which the
         new node then produces in place of their old producer."""
         if outputs is None:
-            outputs = [gs.Variable(self.graph.fresh_name(f"{self.rule}/{op_type}_out"), dtype, shape)]
+            outputs = [gs.Variable(self._fresh(f"{self.rule}/{op_type}_out"), dtype, shape)]
         else:
             self._takeovers.extend(outputs)
-        self._nodes.append((op_type, list(inputs), outputs, dict(attrs or {}), domain))
+        self.nodes.append(PendingNode(op_type, list(inputs), outputs, dict(attrs or {}), domain))
         return outputs[0]
+
+    def discard(self) -> None:
+        for name in self._names:
+            self.graph.release_name(name)
+        self._names.clear()
 
     def apply(self) -> list[Node]:
         for tensor in self._takeovers:
@@ -100,9 +127,9 @@ class Rewrite:
             if old is not None:
                 old.outputs[old.outputs.index(tensor)] = gs.Variable(self.graph.fresh_name(tensor.name + "_dead"))
         created = []
-        for op_type, inputs, outputs, attrs, domain in self._nodes:
-            node = gs.Node(op_type, self.graph.fresh_name(f"{self.rule}/{op_type}"), attrs,
-                           inputs, outputs, domain=domain or None)
+        for pending in self.nodes:
+            node = gs.Node(pending.op, self.graph.fresh_name(f"{self.rule}/{pending.op}"), pending.attrs,
+                           pending.inputs, pending.outputs, domain=pending.domain or None)
             self.graph.gs.nodes.append(node)
             self.graph.fused_by[node.name] = self.rule
             created.append(node)
@@ -127,9 +154,19 @@ def node_label(node: Node) -> str:
     return f"{node.op} '{node.name or node.outputs[0].name}'"
 
 
-def run_rules(graph: Graph, rules: list[Rule], emit: Callable[[Any, Rewrite], None],
-              apply: bool = True) -> PassResult:
-    """Match every rule at every anchor; emit and apply the verified ones."""
+class Emitter(Protocol):
+    """What run_rules needs of a target (targets.base.Target)."""
+
+    floor_opset: int
+    domains: dict[str, int]
+
+    def refusal(self, spec) -> str | None: ...
+
+    def emit(self, spec, rw: Rewrite) -> None: ...
+
+
+def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = True) -> PassResult:
+    """Match every rule at every anchor; emit, verify and apply the ones the target expresses."""
     result = PassResult()
     consumed: set[int] = set()
     for rule in rules:
@@ -137,24 +174,37 @@ def run_rules(graph: Graph, rules: list[Rule], emit: Callable[[Any, Rewrite], No
             if id(anchor) in consumed:
                 continue
             label = node_label(anchor)
+            rewrite = Rewrite(graph, rule.name)
             try:
-                found, why = match(rule.pattern, graph, rule.root(graph, anchor))
-                if found is None:
-                    raise Reject(why)
-                if any(id(n) in consumed for n in found.nodes):
-                    raise Reject("overlaps a fusion already made")
-                spec = rule.describe(graph, found)
-                rewrite = Rewrite(graph, rule.name)
-                emit(spec, rewrite)
+                found, spec = _candidate(graph, rule, anchor, consumed)
+                reason = target.refusal(spec)
+                if reason is not None:
+                    raise Reject(reason)
+                if rule.verify is not None:
+                    rule.verify(graph, found, spec, target)
+                target.emit(spec, rewrite)
             except Reject as reject:
+                rewrite.discard()
                 result.unfused.append(Unfused(label, rule.name, str(reject)))
                 continue
             created = rewrite.apply() if apply else []
+            if not apply:
+                rewrite.discard()
             consumed.update(id(n) for n in found.nodes)
             result.fused.append(Fused(rule.name, label, spec, [n.name for n in created]))
     if apply and result.fused:
         tidy(graph.gs)
     return result
+
+
+def _candidate(graph: Graph, rule: Rule, anchor: Node, consumed: set[int]) -> tuple[Match, Any]:
+    """The rule's match at `anchor` and the spec it describes; Reject says why there is none."""
+    found, why = match(rule.pattern, graph, rule.root(graph, anchor))
+    if found is None:
+        raise Reject(why)
+    if any(id(n) in consumed for n in found.nodes):
+        raise Reject("overlaps a fusion already made")
+    return found, rule.describe(graph, found)
 
 
 def tidy(g: gs.Graph) -> None:

@@ -3,16 +3,61 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from .graph import Tensor
 
-if TYPE_CHECKING:
-    from .masks import MaskClass
-
 Dim = int | str | None
+
+# The one visibility rule of the tool: an additive mask value at or below this hides a key (its
+# exp underflows to 0 in every float type), 0 shows it; anything between is a bias, not a mask.
+# masks.py classifies by it, attention rules accept fills by it, emitters threshold by it.
+HIDDEN_AT_OR_BELOW = -1e4
+
+
+@dataclass(frozen=True)
+class MaskClass:
+    """What a mask computes, proven by evaluation (masks.py; its docstring gives the templates).
+
+    kind:       "none", "padding", "causal_upper_left", "causal_lower_right", "causal_padding",
+                "sliding_window" or "arbitrary".
+    alignment:  "upper_left" | "lower_right" for the causal kinds and "sliding_window"; None
+                otherwise. Query i of Sq sits at key position c = i + (Skv - Sq) when lower-right
+                aligned (the query is the last Sq positions, as with a KV cache), c = i when
+                upper-left aligned.
+    window:     for "sliding_window": key j is visible from query i iff c - window < j <= c. A
+                query sees the `window` most recent keys including itself; this is Hugging Face's
+                convention (masking_utils.sliding_window_overlay: kv_idx > q_idx - sliding_window,
+                on top of kv_idx <= q_idx), so config.sliding_window = W gives window = W, and
+                ONNX Attention (opset 25, p - left_window_size <= j <= p) needs
+                left_window_size = window - 1.
+    padding:    visibility also requires attention_mask[b, j] == 1 for the 0/1 graph input named
+                by `padding_input` (the mask reads that input's values). Proven for 0/1 values,
+                which is what such an input holds; token ids never qualify.
+    reason:     for "arbitrary", why nothing fit; otherwise how it was proven (the sizes).
+    empty_rows: some query row hides every key at some evaluated size.
+    hides_with_minus_inf: the mask is additive and every hidden entry is -inf (an all-hidden
+                row is then NaN after the softmax, not an average of the keys).
+    padding_input: name of the graph input the padding condition reads (None if not padding).
+    sizes:      the (batch, query, key) sizes it was proven at.
+    """
+
+    kind: str
+    alignment: str | None = None
+    window: int | None = None
+    padding: bool = False
+    reason: str = ""
+    empty_rows: bool = False
+    hides_with_minus_inf: bool = False  # an additive mask whose hidden entries are all -inf
+    padding_input: str | None = None
+    sizes: tuple = ()
+
+    @property
+    def causal(self) -> bool:
+        return self.kind in ("causal_upper_left", "causal_lower_right", "causal_padding",
+                             "sliding_window")
 
 
 @dataclass
@@ -28,7 +73,7 @@ class MaskSpec:
     tensor: Tensor
     fill: float | None = None
     bias: Tensor | None = None  # a second additive term (scores + bias + tensor)
-    klass: "MaskClass | None" = None  # what `tensor` computes, proven by evaluation (masks.py)
+    klass: MaskClass | None = None  # what `tensor` computes, proven by evaluation (masks.py)
 
     @property
     def hides_nothing(self) -> bool:

@@ -19,11 +19,6 @@ _UNSUPPORTED_ATTENTION_ATTRS = {"softcap": 0.0, "softmax_precision": None,
                                 "qk_matmul_output_mode": 0}
 
 
-def report(target: str, model: onnx.ModelProto) -> list[dict]:
-    """The report's "tensorrt" entries for a model written for `target`."""
-    return causal_form_problems(model) if target == "primitive-trt" else check_model(model)
-
-
 def check_model(model: onnx.ModelProto) -> list[dict]:
     """One entry per fused-op node: {node, op, problems}."""
     inferred = onnx.shape_inference.infer_shapes(model)

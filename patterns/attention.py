@@ -21,7 +21,7 @@ from onnx_fuse.graph import Graph, Node, Tensor, dim_product, onnx_dtype
 from onnx_fuse.pattern import Match, const, either, match, maybe, op, var
 from onnx_fuse.rewrite import Reject, Rule
 from onnx_fuse.masks import classify_mask_spec
-from onnx_fuse.specs import AttentionSpec, MaskSpec
+from onnx_fuse.specs import HIDDEN_AT_OR_BELOW, AttentionSpec, MaskSpec
 
 
 def _uniform(value: np.ndarray) -> bool:
@@ -315,7 +315,7 @@ def _mask(graph: Graph, m: Match, dtype: int, softmax_dtype: int | None) -> Mask
     elif "keep" in m.captures or "drop" in m.captures:
         kind = "keep" if "keep" in m.captures else "drop"
         fill = float(np.asarray(m[f"{kind}_fill"]).reshape(-1)[0])
-        if not fill <= -1e4:
+        if not fill <= HIDDEN_AT_OR_BELOW:
             raise Reject(f"Where fills masked scores with {fill}, not a large negative value")
         tensor = m[kind]
         if onnx_dtype(tensor) != 9:  # BOOL

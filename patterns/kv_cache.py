@@ -13,26 +13,21 @@ it to slot write_indices[b] + s. They agree when positions = arange(p, p + S) an
 positions[0] broadcast over the batch. That contiguity is proven where the graph computes the
 positions (a Range with step 1, a constant) and assumed where they are a graph input (Hugging
 Face's cache_position is always arange(past_length, past_length + S)); each fused write says
-which in the report. Every match is also run in onnxruntime, with the TensorScatter that replaces
-it, on random caches and updates for several lengths S and starts p (the last slots included),
-and must agree exactly.
+which in the report. Every match is also run in onnxruntime, with what the target emits in its
+place, on random caches and updates for several lengths S and starts p (the last slots
+included), and must agree exactly.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import replace
-
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from onnx_fuse.graph import Graph, Node, Tensor, is_integer, np_dtype, onnx_dtype
 from onnx_fuse.pattern import Match, match, op, var
-from onnx_fuse.errors import first_line
-from onnx_fuse.rewrite import Reject, Rewrite, Rule, once
+from onnx_fuse.rewrite import Reject, Rule, once
 from onnx_fuse.specs import KVCacheWriteSpec
-from onnx_fuse.targets.onnx import emit_kv_cache_write  # what a match is checked against
+from onnx_fuse.verify import Cut, emitted, run, session
 
 # --- patterns --------------------------------------------------------------------------------
 
@@ -93,13 +88,11 @@ def describe_write(graph: Graph, m: Match) -> KVCacheWriteSpec:
     if dtype is None or dtype != onnx_dtype(update):
         raise Reject("the cache and the update do not share one known type")
 
-    spec = KVCacheWriteSpec(
+    return KVCacheWriteSpec(
         past=past, update=update, update_perm=update_perm, output=output, positions=positions, contiguity=contiguity,
         form="scatter_nd" if nd else "scatter_elements", cache_len=shape[2], kv_heads=shape[1],
         head_size=shape[3], dtype=dtype,
     )
-    _verify(graph, spec)
-    return spec
 
 
 def _nd_layout(m: Match) -> tuple[int, tuple[int, ...] | None]:
@@ -172,22 +165,25 @@ def _contiguity(graph: Graph, positions: Tensor) -> str:
 _BATCH, _HEADS, _HEAD_SIZE, _CACHE_LEN = 2, 3, 4, 8  # sizes for dims the graph leaves symbolic
 
 
-def _verify(graph: Graph, spec: KVCacheWriteSpec) -> None:
-    """Run the matched write and the TensorScatter that replaces it on the same random cache and
+def verify_write(graph: Graph, m: Match, spec: KVCacheWriteSpec, target) -> None:
+    """Run the matched write and what the target emits for it on the same random cache and
     update, with positions arange(p, p + S) for S in 1 and 3 and p at the first, middle and last
     possible slot; once per distinct subgraph and cache shape."""
     roles = {id(spec.past): "past", id(spec.update): "update", id(spec.positions): "positions"}
-    sub = _Subgraph(graph, spec.output, roles)
+    cut = Cut(graph, [spec.output], roles, limit=200, what="the write subgraph")
+    if cut.shape_leaves:
+        raise Reject(f"the write reads '{cut.shape_leaves[0].name}', not only the cache, the update "
+                     "and the positions")
     static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.past))
-    key = (sub.signature, static, spec.update_perm, spec.dtype, onnx_dtype(spec.positions))
-    once(graph, ("kv_cache", key), lambda: _compare(graph, sub, spec))
+    key = (cut.signature, static, spec.update_perm, spec.dtype, onnx_dtype(spec.positions), target.name)
+    once(graph, ("kv_cache", key), lambda: _compare(graph, cut, spec, target))
 
 
-def _compare(graph: Graph, sub: "_Subgraph", spec: KVCacheWriteSpec) -> None:
-    from onnx_fuse.check import ModelRef, run_model
-
-    original = ModelRef(sub.model([spec.past, spec.update, spec.positions], spec.output), graph.base_dir)
-    fused = ModelRef(_fused_model(graph, spec))
+def _compare(graph: Graph, cut: Cut, spec: KVCacheWriteSpec, target) -> None:
+    inputs = [spec.past, spec.update, spec.positions]
+    original = cut.session(inputs)
+    replacement = session(emitted(graph, spec, target, inputs, [spec.output]), graph.base_dir,
+                          f"what target {target.name} emits")
     shape = graph.shape(spec.past)
     batch, heads, length, head = (d if isinstance(d, int) else default
                                   for d, default in zip(shape, (_BATCH, _HEADS, _CACHE_LEN, _HEAD_SIZE)))
@@ -208,105 +204,16 @@ def _compare(graph: Graph, sub: "_Subgraph", spec: KVCacheWriteSpec) -> None:
             spec.update.name: rng.standard_normal(update).astype(np_type),
             spec.positions.name: np.arange(start, start + seq).astype(np_dtype(spec.positions)),
         }
-        try:
-            got = run_model(original, feeds)[spec.output.name]
-        except Exception as error:  # onnxruntime's exception types are not importable portably
-            raise Reject(f"the matched write does not run on its own: {first_line(error, 200)}")
-        try:
-            want = run_model(fused, feeds)[spec.output.name]
-        except Exception as error:
-            raise Reject(f"TensorScatter does not run in onnxruntime: {first_line(error, 200)}")
+        (got,) = run(original, feeds, "the matched write")
+        (want,) = run(replacement, feeds, f"what target {target.name} emits")
         if got.shape != want.shape or not np.array_equal(got, want):
-            raise Reject(f"TensorScatter differs from the matched write (S {seq}, first slot {start})")
-
-
-def _fused_model(graph: Graph, spec: KVCacheWriteSpec) -> onnx.ModelProto:
-    """The cache, update and positions in, what the onnx target emits for `spec` out."""
-    tensors = (spec.past, spec.update, spec.positions, spec.output)
-    io = [onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t), [None] * len(graph.shape(t)))
-          for t in tensors]
-    io[-1] = onnx.helper.make_tensor_value_info(spec.output.name, spec.dtype, None)
-    check = Graph(onnx.helper.make_model(onnx.helper.make_graph([], "kv_cache_check", io[:3], io[3:]),
-                                         opset_imports=[onnx.helper.make_opsetid("", spec.min_opset)]))
-    by_name = check.gs.tensors()
-    rewrite = Rewrite(check, "kv_cache")
-    emit_kv_cache_write(replace(spec, **{field: by_name[t.name] for field, t in
-                                         zip(("past", "update", "positions", "output"), tensors)}),
-                        rewrite)
-    rewrite.apply()
-    model = gs.export_onnx(check.gs, do_type_check=False)
-    model.ir_version = 10
-    return model
-
-
-class _Subgraph:
-    """The nodes that compute `output` from the tensors in `roles` and constants, in graph order;
-    `signature` is equal for subgraphs that compute the same function."""
-
-    LIMIT = 200
-
-    def __init__(self, graph: Graph, output: Tensor, roles: dict[int, str]):
-        self.graph, self.roles = graph, roles
-        self.nodes: list[Node] = []
-        self._placed: set[int] = set()
-        self._signatures: dict[int, tuple] = {}
-        self.signature = self._visit(output)
-
-    def _visit(self, tensor: Tensor) -> tuple:
-        key = id(tensor)
-        if key in self._signatures:
-            return self._signatures[key]
-        node = self.graph.producer(tensor)
-        if key in self.roles:
-            signature = ("role", self.roles[key])
-        elif not tensor.name:
-            signature = ("none",)
-        elif isinstance(tensor, gs.Constant) or node is not None and node.op == "Constant":
-            value = self.graph.value(tensor)
-            signature = (("const", str(value.dtype), value.shape, hashlib.sha1(value.tobytes()).hexdigest())
-                         if value is not None else ("initializer", tensor.name))
-            if node is not None:
-                self._place(node)
-        elif node is None:
-            raise Reject(f"the write reads '{tensor.name}', not only the cache, the update and the positions")
-        else:
-            if len(self.nodes) >= self.LIMIT or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
-                raise Reject("the write subgraph is too large or has control flow")
-            inputs = tuple(self._visit(t) for t in node.inputs)
-            signature = (node.op, node.domain or "", node.outputs.index(tensor),
-                         tuple(sorted((k, repr(v)) for k, v in node.attrs.items())), inputs)
-            self._place(node)
-        self._signatures[key] = signature
-        return signature
-
-    def _place(self, node: Node) -> None:
-        if id(node) not in self._placed:  # after its inputs' producers: a topological order
-            self._placed.add(id(node))
-            self.nodes.append(node)
-
-    def model(self, inputs: list[Tensor], output: Tensor) -> onnx.ModelProto:
-        sub = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=[output],
-                       opset=self.graph.opsets.get("", 23))
-        model = gs.export_onnx(sub, do_type_check=False)
-        del model.graph.value_info[:]
-        for value, tensor in zip(model.graph.input, inputs):
-            value.CopyFrom(onnx.helper.make_tensor_value_info(
-                tensor.name, onnx_dtype(tensor), [None] * len(self.graph.shape(tensor))))
-        model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(output.name, onnx_dtype(output), None))
-        del model.opset_import[:]
-        model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in self.graph.opsets.items())
-        model.ir_version = 10
-        return model
-
-
-
-
-
+            raise Reject(f"what target {target.name} emits differs from the matched write "
+                         f"(S {seq}, first slot {start})")
 
 
 RULES = [
     Rule(name="kv_cache", anchor="ScatterElements", pattern=scatter_elements,
-         root=scatter_elements_output, describe=describe_write),
+         root=scatter_elements_output, describe=describe_write, verify=verify_write),
     Rule(name="kv_cache", anchor="ScatterND", pattern=scatter_nd,
-         root=scatter_nd_output, describe=describe_write),
+         root=scatter_nd_output, describe=describe_write, verify=verify_write),
 ]

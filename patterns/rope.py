@@ -20,25 +20,21 @@ Who writes it which way (transformers 5 exported by torch 2.13, and older Huggin
 The rule anchors at the Neg that every rotation has. A match is fused only when the tables it
 multiplies by are a rotation of the positions (halves or pairs repeating the same angles, cos
 and sin in their places) and the matched subgraph, run in onnxruntime on random input at
-several lengths and positions up to max_positions, equals the RotaryEmbedding that replaces it.
+several lengths and positions up to max_positions, equals what the target emits in its place.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from onnx_fuse import runtime
 from onnx_fuse.graph import Graph, Node, Tensor, is_integer, np_dtype, onnx_dtype
 from onnx_fuse.pattern import Match, either, maybe, op, var
-from onnx_fuse.errors import first_line
-from onnx_fuse.rewrite import Reject, Rewrite, Rule, once
+from onnx_fuse.rewrite import Reject, Rule, once
 from onnx_fuse.specs import RotarySpec
-from onnx_fuse.targets.onnx import emit_rotary  # what a match is checked against: the op it becomes
+from onnx_fuse.verify import Cut, emitted, is_constant, run, session
 
 # --- pattern ---------------------------------------------------------------------------------
 
@@ -124,13 +120,11 @@ def describe_rope(graph: Graph, m: Match) -> RotarySpec:
     if dtype != onnx_dtype(m["cos"]) or dtype != onnx_dtype(m["sin"]):
         raise Reject("cos/sin are not of x's type")
 
-    spec = RotarySpec(
+    return RotarySpec(
         input=x, output=output, positions=tables.positions, cos_cache=cos_cache,
         sin_cache=sin_cache, cache_key=(tables.key, interleaved), interleaved=interleaved,
         rotary_dim=rotary_dim, head_size=shape[-1], layout=layout, dtype=dtype,
     )
-    _verify(graph, m, spec, tables)
-    return spec
 
 
 def _layout(rank: int, seq_axis: int) -> str:
@@ -177,27 +171,28 @@ def _tables(graph: Graph, cos: Tensor, sin: Tensor) -> _Tables:
     """Evaluate cos and sin for positions 0 .. max_positions-1 in onnxruntime, once per distinct
     computation (every layer multiplies by the same tables, unsqueezed per layer)."""
     positions = _positions(graph, [cos, sin])
-    closure = _Closure(graph, [cos, sin], {id(positions): "positions"})
-    if closure.shape_leaves:
-        raise Reject(f"the cos/sin tables depend on the shape of '{closure.shape_leaves[0].name}'")
-    key = (closure.signature, graph.shape(positions), graph.options.max_positions)
-    found = once(graph, ("rope tables", key), lambda: _evaluate_tables(graph, closure, positions))
+    cut = Cut(graph, [cos, sin], {id(positions): "positions"},
+              opaque=lambda node: _bounds_table(graph, node), what="the cos/sin subgraph")
+    if cut.shape_leaves:
+        raise Reject(f"the cos/sin tables depend on the shape of '{cut.shape_leaves[0].name}'")
+    key = (cut.signature, graph.shape(positions), graph.options.max_positions)
+    found = once(graph, ("rope tables", key), lambda: _evaluate_tables(graph, cut, positions))
     return replace(found, positions=positions, key=key)
 
 
-def _evaluate_tables(graph: Graph, closure: "_Closure", positions: Tensor) -> _Tables:
+def _evaluate_tables(graph: Graph, cut: Cut, positions: Tensor) -> _Tables:
     rank = graph.rank(positions)
     if rank not in (1, 2) or positions.shape is None:
         raise Reject(f"the positions '{positions.name}' have rank {rank}, not [seq] or [batch, seq]")
-    lookups = closure.lookups()
-    session = _session(graph, closure.model([positions], closure.outputs + [table for table, _ in lookups]))
+    lookups = _lookups(cut)
+    tables = cut.session([positions], cut.outputs + [table for table, _ in lookups])
     bound = None
     if lookups:  # a table the graph gathers from bounds the positions
-        shapes = [t.shape for t in _run(session, {positions.name: np.zeros([1] * rank, np_dtype(positions))})[2:]]
+        shapes = [t.shape for t in run(tables, {positions.name: np.zeros([1] * rank, np_dtype(positions))})[2:]]
         bound = min(shape[axis] for shape, (_, axis) in zip(shapes, lookups))
     max_positions = _max_positions(graph.options.max_positions, bound)
     index = np.arange(max_positions, dtype=np_dtype(positions)).reshape([1] * (rank - 1) + [-1])
-    cos, sin = _run(session, {positions.name: index})[:2]
+    cos, sin = run(tables, {positions.name: index})[:2]
     if cos.shape != sin.shape:
         raise Reject("cos and sin have different shapes")
     along = [a for a, d in enumerate(cos.shape[:-1]) if d == max_positions]
@@ -205,6 +200,13 @@ def _evaluate_tables(graph: Graph, closure: "_Closure", positions: Tensor) -> _T
         raise Reject(f"cos computed for {max_positions} positions has shape {cos.shape}, not one row per position")
     flat = (max_positions, cos.shape[-1])
     return _Tables(positions, cos.reshape(flat), sin.reshape(flat), cos.ndim, along[0], ())
+
+
+def _lookups(cut: Cut) -> list[tuple[Tensor, int]]:
+    """(table, axis) of each Gather by the positions from a table that does not depend on them."""
+    return [(node.inputs[0], node.attrs.get("batch_dims" if node.op == "GatherND" else "axis", 0))
+            for node in cut.nodes if node.op in ("Gather", "GatherND", "GatherElements")
+            and not cut.depends_on_roles[id(node.inputs[0])] and cut.depends_on_roles[id(node.inputs[1])]]
 
 
 def _max_positions(asked: int | None, bound: int | None) -> int:
@@ -234,13 +236,13 @@ def _positions(graph: Graph, tables: list[Tensor]) -> Tensor:
     found, stack, seen = [], list(tables), set()
     while stack:
         tensor = stack.pop()
-        if id(tensor) in seen or _is_constant(graph, tensor) or is_integer(tensor) and graph.value(tensor) is not None:
+        if id(tensor) in seen or is_constant(graph, tensor) or is_integer(tensor) and graph.value(tensor) is not None:
             continue  # a constant, or an integer one computed (arange(max_positions) of a table)
         seen.add(id(tensor))
         node = graph.producer(tensor)
         if is_integer(tensor):
             while (node is not None and node.op in _REARRANGING and is_integer(node.inputs[0])
-                   and all(_is_constant(graph, t) for t in node.inputs[1:])):
+                   and all(is_constant(graph, t) for t in node.inputs[1:])):
                 tensor, node = node.inputs[0], graph.producer(node.inputs[0])
             if all(t is not tensor for t in found):
                 found.append(tensor)
@@ -260,42 +262,44 @@ _TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 1e-2, onnx
 _BATCH, _SEQ_LENGTHS, _HEADS = 2, (1, 5), 3
 
 
-def _verify(graph: Graph, m: Match, spec: RotarySpec, tables: _Tables) -> None:
-    """Run the matched subgraph and the RotaryEmbedding that replaces it on the same random x and
+def verify_rope(graph: Graph, m: Match, spec: RotarySpec, target) -> None:
+    """Run the matched subgraph and what the target emits for `spec` on the same random x and
     positions (including 0 and max_positions - 1); once per distinct subgraph and x shape."""
     rotated = next(t for t in m["rotated_sin"].inputs if t is not m["sin"])
     channels = next(t for t in m["x_cos"].inputs if t is not m["cos"])
     watched = [spec.output, rotated] + ([channels, m["partial"].inputs[1]] if "partial" in m.captures else [])
-    closure = _Closure(graph, watched, {id(spec.input): "x", id(spec.positions): "positions"})
+    cut = Cut(graph, watched, {id(spec.input): "x", id(spec.positions): "positions"},
+              opaque=lambda node: _bounds_table(graph, node), what="the rotation subgraph")
     static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.input))
-    key = ("verified", closure.signature, static, tables.key, spec.interleaved)
-    once(graph, ("rope check", key), lambda: _compare(graph, closure, spec))
+    key = ("verified", cut.signature, static, spec.cache_key, spec.interleaved, target.name)
+    once(graph, ("rope check", key), lambda: _compare(graph, cut, spec, target))
 
 
-def _compare(graph: Graph, closure: "_Closure", spec: RotarySpec) -> None:
+def _compare(graph: Graph, cut: Cut, spec: RotarySpec, target) -> None:
     x, positions = spec.input, spec.positions
-    original = _session(graph, closure.model([x, positions] + closure.shape_leaves, closure.outputs))
-    fused = _session(graph, _fused_model(graph, spec))
+    original = cut.session([x, positions] + cut.shape_leaves)
+    replacement = session(emitted(graph, spec, target, [x, positions], [spec.output]), graph.base_dir,
+                          f"what target {target.name} emits")
     rng = np.random.default_rng(0)
     tolerance = _TOLERANCE[spec.dtype]
     for seq in _SEQ_LENGTHS:
         dims, sizes = _x_dims(graph, spec, seq)
         feeds = {x.name: rng.standard_normal(dims).astype(np_dtype(x)),
                  positions.name: _random_positions(rng, graph, positions, dims[0], seq, spec.max_positions)}
-        for leaf in closure.shape_leaves:
+        for leaf in cut.shape_leaves:
             feeds[leaf.name] = np.zeros(_dims(graph.shape(leaf), sizes, seq), np_dtype(leaf))
-        y, rotated, *parts = _run(original, feeds)
+        y, rotated, *parts = run(original, feeds)
         head = feeds[x.name].astype(np.float64)
         if parts and not (np.array_equal(parts[0], head[..., :spec.rotary_dim])
                           and np.array_equal(parts[1], head[..., spec.rotary_dim:])):
             raise Reject(f"the rotated and passed parts are not x[..., :{spec.rotary_dim}] and "
                          f"x[..., {spec.rotary_dim}:]")
         _require_rotate(rotated, head[..., :spec.rotary_dim], spec.interleaved, tolerance)
-        expected = _run(fused, feeds)[0]
+        expected = run(replacement, feeds)[0]
         if not np.allclose(y, expected, rtol=tolerance, atol=tolerance):
             error = float(np.max(np.abs(y.astype(np.float64) - expected)))
-            raise Reject(f"RotaryEmbedding differs from the matched subgraph by {error:.3g} "
-                         f"(sequence length {seq})")
+            raise Reject(f"what target {target.name} emits differs from the matched subgraph by "
+                         f"{error:.3g} (sequence length {seq})")
 
 
 def _require_rotate(rotated: np.ndarray, x: np.ndarray, interleaved: bool, tolerance: float) -> None:
@@ -314,21 +318,6 @@ def _require_rotate(rotated: np.ndarray, x: np.ndarray, interleaved: bool, toler
     if np.allclose(rotated, -expected, rtol=tolerance, atol=tolerance):
         raise Reject(f"wrong sign: rotate(x) is -{name}, the minus is on the wrong half")
     raise Reject(f"mismatched halves: rotate(x) is not {name} of the {x.shape[-1]} rotated channels")
-
-
-def _fused_model(graph: Graph, spec: RotarySpec) -> onnx.ModelProto:
-    """x and the positions in, the output of what the onnx target emits for `spec` out."""
-    x, positions, y = spec.input, spec.positions, spec.output
-    io = [onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t), _dim_names(graph.shape(t)))
-          for t in (x, positions, y)]
-    check = Graph(onnx.helper.make_model(onnx.helper.make_graph([], "rope_check", io[:2], io[2:]),
-                                         opset_imports=[onnx.helper.make_opsetid("", 23)]))
-    tensors = check.gs.tensors()
-    rewrite = Rewrite(check, "rope")
-    emit_rotary(replace(spec, input=tensors[x.name], positions=tensors[positions.name],
-                        output=tensors[y.name]), rewrite)
-    rewrite.apply()
-    return _with_ir(gs.export_onnx(check.gs, do_type_check=False))
 
 
 def _x_dims(graph: Graph, spec: RotarySpec, seq: int) -> tuple[list[int], dict]:
@@ -358,99 +347,6 @@ def _random_positions(rng, graph: Graph, positions: Tensor, batch: int, seq: int
 
 # --- subgraphs run on their own --------------------------------------------------------------
 
-class _Closure:
-    """The nodes that compute `outputs` from the tensors in `roles` and constants; other tensors
-    it reads only the shapes of are `shape_leaves`. `signature` is equal for closures that compute
-    the same function (same ops, attributes and constants; roles by name)."""
-
-    LIMIT = 400
-
-    def __init__(self, graph: Graph, outputs: list[Tensor], roles: dict[int, str]):
-        self.graph, self.outputs, self.roles = graph, outputs, roles
-        self.nodes: list[Node] = []
-        self.shape_leaves: list[Tensor] = []
-        self.bounds: list[Node] = []  # Slices that only bound the rows of a table gathered from
-        self._reached = self._collect()
-        self._signatures: dict[int, tuple] = {}
-        self._on_positions: dict[int, bool] = {}  # whether a tensor's values depend on a role
-        self.signature = tuple(self._signature(t) for t in outputs)
-
-    def _collect(self) -> set[int]:
-        """Every tensor the outputs' data is computed from; inputs of Shape are only noted."""
-        reached, stack = set(), list(self.outputs)
-        while stack:
-            tensor = stack.pop()
-            if id(tensor) in reached or id(tensor) in self.roles or _is_constant(self.graph, tensor):
-                continue
-            reached.add(id(tensor))
-            node = self.graph.producer(tensor)
-            if node is None:
-                raise Reject(f"the subgraph reads '{tensor.name}', which it cannot be checked without")
-            if len(reached) > self.LIMIT or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
-                raise Reject("the cos/sin or rotation subgraph is too large or has control flow")
-            if node.op in ("Shape", "Size"):
-                continue
-            if _bounds_table(self.graph, node):
-                self.bounds.append(node)
-                stack.append(node.inputs[0])
-            else:
-                stack.extend(t for t in node.inputs if t.name)
-        return reached
-
-    def _signature(self, tensor: Tensor) -> tuple:
-        key = id(tensor)
-        if key in self._signatures:
-            return self._signatures[key]
-        node = self.graph.producer(tensor)
-        on_positions = False
-        if key in self.roles:
-            signature, on_positions = (self.roles[key],), True
-        elif not tensor.name:
-            signature = ("none",)
-        elif isinstance(tensor, gs.Constant):
-            # Small ones by value (layers often have copies of their own), tables by name.
-            small = int(np.prod(tensor.shape, dtype=np.int64)) <= _SMALL and self.graph.value(tensor) is not None
-            signature = _value_signature(self.graph.value(tensor)) if small else ("initializer", tensor.name)
-        elif _is_constant(self.graph, tensor):  # a Constant node
-            signature = _value_signature(_node_value(node))
-            self.nodes.append(node)
-        elif key not in self._reached:  # read only through Shape
-            self.shape_leaves.append(tensor)
-            signature = ("shape of", tensor.name)
-        else:
-            inputs = node.inputs[:1] if node in self.bounds else node.inputs
-            signature = (node.op, node.domain, node.outputs.index(tensor), _attrs(node),
-                         tuple(self._signature(t) for t in inputs))
-            on_positions = node.op not in ("Shape", "Size") and any(
-                self._on_positions[id(t)] for t in inputs)
-            if all(n is not node for n in self.nodes):
-                self.nodes.append(node)  # after its inputs': graph order
-        self._signatures[key], self._on_positions[key] = signature, on_positions
-        return signature
-
-    def lookups(self) -> list[tuple[Tensor, int]]:
-        """(table, axis) of each Gather by the positions from a table that does not depend on them."""
-        return [(node.inputs[0], node.attrs.get("batch_dims" if node.op == "GatherND" else "axis", 0))
-                for node in self.nodes if node.op in ("Gather", "GatherND", "GatherElements")
-                and not self._on_positions[id(node.inputs[0])] and self._on_positions[id(node.inputs[1])]]
-
-    def model(self, inputs: list[Tensor], outputs: list[Tensor]) -> onnx.ModelProto:
-        sub = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=outputs,
-                       opset=self.graph.opsets.get("", 23))
-        model = gs.export_onnx(sub, do_type_check=False)
-        del model.graph.value_info[:]
-        bounded = {n.outputs[0].name for n in self.bounds}
-        for node in model.graph.node:
-            if node.output[0] in bounded:  # the whole table: positions past the bound fail anyway
-                node.CopyFrom(onnx.helper.make_node("Identity", node.input[:1], node.output[:1], name=node.name))
-        for value, tensor in zip(model.graph.input, inputs):
-            value.CopyFrom(onnx.helper.make_tensor_value_info(
-                tensor.name, onnx_dtype(tensor) or onnx.TensorProto.FLOAT, _dim_names(self.graph.shape(tensor))))
-        del model.opset_import[:]
-        model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in self.graph.opsets.items())
-        return _with_ir(model)
-
-
 def _bounds_table(graph: Graph, node: Node) -> bool:
     """table[:n] (start 0, step 1, n computed) that only Gathers along the same axis read: it
     bounds the valid positions, the values gathered are the table's."""
@@ -465,60 +361,6 @@ def _bounds_table(graph: Graph, node: Node) -> bool:
                                and u.attrs.get("axis", 0) == int(axes.reshape(-1)[0]) for u in users)
 
 
-_SMALL = 4096  # constants up to this many elements are compared by value
-
-
-def _value_signature(value: np.ndarray) -> tuple:
-    return ("const", str(value.dtype), value.shape, hashlib.sha1(value.tobytes()).hexdigest())
-
-
-def _attrs(node: Node) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in node.attrs.items()))
-
-
-def _node_value(node: Node) -> np.ndarray:
-    value = node.attrs.get("value")
-    if value is not None:
-        return np.asarray(value.values)
-    (key, value), = node.attrs.items()
-    return np.asarray(value, dtype=np.float32 if "float" in key else np.int64)
-
-
-def _is_constant(graph: Graph, tensor: Tensor) -> bool:
-    node = graph.producer(tensor)
-    return isinstance(tensor, gs.Constant) or node is not None and node.op == "Constant"
-
-
-
-
-def _dim_names(shape: tuple | None) -> list | None:
-    return None if shape is None else [d if isinstance(d, (int, str)) else None for d in shape]
-
-
-def _with_ir(model: onnx.ModelProto) -> onnx.ModelProto:
-    model.ir_version = 10  # what onnxruntime reads with opset 23
-    return model
-
-
-def _session(graph: Graph, model: onnx.ModelProto):
-    try:  # tables may be in external data files beside the model
-        return runtime.session(model.SerializeToString(), graph.base_dir)
-    except Exception as error:  # onnxruntime's own exception types are not importable portably
-        raise Reject(f"the subgraph does not load in onnxruntime: {first_line(error, 200)}")
-
-
-def _run(session, feeds: dict) -> list[np.ndarray]:
-    declared = {i.name for i in session.get_inputs()}
-    try:
-        return session.run(None, {k: v for k, v in feeds.items() if k in declared})
-    except Exception as error:
-        raise Reject(f"the subgraph does not run on its own: {first_line(error, 200)}")
-
-
-
-
-
-
 RULES = [
     Rule(
         name="rope",
@@ -526,5 +368,6 @@ RULES = [
         pattern=rope,
         root=rotation_output,
         describe=describe_rope,
+        verify=verify_rope,
     )
 ]

@@ -18,7 +18,8 @@ from onnx_fuse import cli, model_io
 
 MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "models")
 LLAMA = os.path.join(MODELS, "llama-gqa_prefill_eager_torchscript.onnx")
-FUSE_MODULE = importlib.import_module("onnx_fuse.fuse")  # the package's `fuse` is the function
+API = importlib.import_module("onnx_fuse.api")  # the package's `fuse` is the function
+PROOF = importlib.import_module("onnx_fuse.proof")
 
 
 def run_main(capfd, *argv):
@@ -277,14 +278,14 @@ def test_internal_error_is_one_line_and_exit_3(capfd, tmp_path, model_path, monk
     def broken(*args, **kwargs):
         raise RuntimeError("something broke\nwith a second line")
 
-    monkeypatch.setattr(FUSE_MODULE, "fuse", broken)
+    monkeypatch.setattr(API, "fuse", broken)
     line = assert_refused(capfd, tmp_path, ["fuse", model_path, "-o", tmp_path / "out.onnx"],
                           code=3, inputs=[model_path])
     assert line == "onnx-fuse: error: internal error: RuntimeError: something broke"
 
 
 def test_internal_error_traceback_with_debug(tmp_path, model_path, monkeypatch):
-    monkeypatch.setattr(FUSE_MODULE, "fuse", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(API, "fuse", lambda *a, **k: 1 / 0)
     monkeypatch.setenv("ONNX_FUSE_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         cli.main(["fuse", model_path, "-o", str(tmp_path / "out.onnx")])
@@ -375,7 +376,7 @@ def test_failed_check_is_exit_1_and_writes_no_model(capfd, tmp_path, model_path,
         self.last = {"passed": False, "outputs": {}, "message": "output 't9' differs"}
         raise CheckFailed(f"{what} does not match the input model: output 't9' differs", self.last)
 
-    monkeypatch.setattr(FUSE_MODULE._Proof, "require", disagree)
+    monkeypatch.setattr(PROOF.Prover, "require", disagree)
     line = assert_refused(capfd, tmp_path, ["fuse", model_path, "-o", tmp_path / "out.onnx"],
                           code=1, inputs=[model_path])
     assert "does not match" in line

@@ -1,32 +1,19 @@
-"""Emitters: each target turns the specs that rules produce into that target's nodes."""
+"""The targets: what each turns the specs that rules produce into (see base.Target)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, Callable
-
 from ..errors import BadInput
-from . import onnx as onnx_target
-from . import primitive_trt
+from .base import Proof, Target
+from .onnx import OnnxTarget
+from .primitive_trt import PrimitiveTrtTarget
 
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    min_opset: int  # default-domain opset the emitted ops need
-    emit: Callable[[Any, Any], None]
-
-
-def _target(name: str, module: ModuleType) -> Target:
-    return Target(name, module.MIN_OPSET, module.emit)
-
-
-TARGETS = {t.name: t for t in [_target("onnx", onnx_target),
-                                _target("primitive-trt", primitive_trt)]}
+TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget()]}
 
 
 def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise BadInput(f"unknown target '{name}' (known: {', '.join(sorted(TARGETS))})")
     return TARGETS[name]
+
+
+__all__ = ["Proof", "Target", "TARGETS", "get_target"]

@@ -12,23 +12,12 @@ import ml_dtypes
 import numpy as np
 import onnx
 
+from .. import trt_contract
 from ..graph import Tensor, broadcast_shape, onnx_dtype
 from ..masks import mask_identity
 from ..rewrite import Rewrite
-from ..specs import AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
-
-MIN_OPSET = 23
-
-
-def emit(spec, rw: Rewrite) -> None:
-    if isinstance(spec, AttentionSpec):
-        emit_attention(spec, rw)
-    elif isinstance(spec, RotarySpec):
-        emit_rotary(spec, rw)
-    elif isinstance(spec, KVCacheWriteSpec):
-        emit_kv_cache_write(spec, rw)
-    else:
-        raise TypeError(f"target onnx cannot emit {type(spec).__name__}")
+from ..specs import HIDDEN_AT_OR_BELOW, AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
+from .base import Target
 
 
 def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
@@ -119,7 +108,7 @@ def _mask_4d(spec: AttentionSpec, rw: Rewrite) -> Tensor:
         if mask.boolean_exact:
             # Proven to hold only 0 (visible) and huge negatives (hidden), with no query row
             # all hidden: a boolean mask is exact, and what TensorRT's kernels prefer.
-            threshold = rw.const("mask_threshold", np.array(-1e4, np_type))
+            threshold = rw.const("mask_threshold", np.array(HIDDEN_AT_OR_BELOW, np_type))
             tensor = rw.op("Greater", [tensor, threshold], dtype=np.bool_)
         else:
             is_minus_inf = rw.op("IsInf", [tensor], {"detect_positive": 0})
@@ -198,3 +187,14 @@ def _write_indices(spec: KVCacheWriteSpec, rw: Rewrite) -> Tensor:
     shape = rw.graph.shape(spec.past)
     batch = rw.op("Shape", [spec.past], {"start": 0, "end": 1}, dtype=np.int64, shape=[1])
     return rw.op("Expand", [first, batch], dtype=np.int64, shape=[shape[0] if shape else None])
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    floor_opset = 23  # Attention, RotaryEmbedding (TensorScatter: 24, its spec's min_opset)
+    static_cache = True
+    emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary,
+                KVCacheWriteSpec: emit_kv_cache_write}
+
+    def contract(self, model: onnx.ModelProto) -> list[dict]:
+        return trt_contract.check_model(model)

@@ -19,21 +19,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .. import trt_contract
 from ..graph import Tensor
 from ..rewrite import Reject, Rewrite
 from ..specs import AttentionSpec
+from .base import Target
 from .onnx import finish
 
-MIN_OPSET = 13  # Softmax over one axis, Unsqueeze with axes as an input
 
-
-def emit(spec, rw: Rewrite) -> None:
-    if not isinstance(spec, AttentionSpec):
-        raise Reject("target primitive-trt keeps this as primitive ops")
-    klass = spec.mask.klass if spec.mask is not None else None
-    if klass is None or not klass.causal or spec.mask.bias is not None:
-        raise Reject("target primitive-trt rewrites causal attention only; this mask is "
-                     f"{klass.kind if klass else 'absent'}")
+def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
+    klass = spec.mask.klass
     np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
     query = rw.op("Mul", [spec.query, rw.const("q_scale", np.array(spec.scale, np_type))])
     key, value = spec.key, spec.value
@@ -105,3 +100,21 @@ def _causal_visibility(spec: AttentionSpec, rw: Rewrite) -> Tensor:
         valid = rw.op("Unsqueeze", [valid, rw.const("axes12", np.array([1, 2], np.int64))])
         visible = rw.op("And", [visible, valid])
     return visible
+
+
+class PrimitiveTrtTarget(Target):
+    name = "primitive-trt"
+    floor_opset = 13  # Softmax over one axis, Unsqueeze with axes as an input
+    emitters = {AttentionSpec: emit_attention}
+
+    def refusal(self, spec) -> str | None:
+        reason = super().refusal(spec)
+        if reason is None:
+            klass = spec.mask.klass if spec.mask is not None else None
+            if klass is None or not klass.causal or spec.mask.bias is not None:
+                reason = ("target primitive-trt rewrites causal attention only; this mask is "
+                          f"{klass.kind if klass else 'absent'}")
+        return reason
+
+    def contract(self, model: onnx.ModelProto) -> list[dict]:
+        return trt_contract.causal_form_problems(model)

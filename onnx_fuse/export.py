@@ -1,0 +1,40 @@
+"""The rewritten graph as a model again."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import Graph
+
+
+def export(graph: Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """The rewritten graph in a model that keeps the template's metadata, opsets and the
+    doc strings and metadata of every node that survived; fused nodes say which rule made them."""
+    model = gs.export_onnx(graph.gs, do_type_check=False)
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
+                 "doc_string"):
+        setattr(model, name, getattr(template, name))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    exported_opsets = [(o.domain, o.version) for o in model.opset_import]
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    known = {o.domain for o in model.opset_import}
+    for domain, version in exported_opsets:
+        if domain not in known:
+            model.opset_import.add(domain=domain, version=version)
+    del model.functions[:]
+    model.functions.extend(template.functions)
+    originals = {n.name: n for n in template.graph.node
+                 if n.name and (n.doc_string or len(n.metadata_props))}
+    for node in model.graph.node:
+        rule = graph.fused_by.get(node.name)
+        if rule is not None:
+            node.doc_string = f"onnx-fuse rule: {rule}"
+            entry = node.metadata_props.add()
+            entry.key, entry.value = "onnx_fuse.rule", rule
+        elif node.name in originals:
+            node.doc_string = originals[node.name].doc_string
+            node.metadata_props.extend(originals[node.name].metadata_props)
+    return model

@@ -1,0 +1,70 @@
+"""What a target is: the extension point for a new kind of output.
+
+A target turns the specs that rules produce (specs.py: what a match computes) into nodes. It
+declares the default-domain opset and the other domains its nodes need, which specs it can
+express (a spec it cannot express becomes an `unfused` entry with the target's reason, decided
+before anything is emitted), how the written model is proven equal to the original, and the
+static contract check of the runtime it is for (TensorRT's parser, say).
+
+Adding a target: subclass Target in a module of its own under targets/, fill in the class
+attributes, write one emitter per spec type it expresses (`emitters`), override `refusal` for
+what those emitters cannot say (a mask kind, a window, sinks), and register it in
+targets/__init__.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import onnx
+
+from ..rewrite import Reject, Rewrite
+
+
+@dataclass(frozen=True)
+class Proof:
+    """How a target's output is proven equal to its input.
+
+    kind "onnxruntime": onnxruntime runs the written model as it is.
+    kind "functions":   the emitted custom ops carry model-local function bodies in standard ops,
+                        which onnxruntime runs in their place.
+    kind "none":        onnxruntime cannot run the output; `reason` says why (fuse refuses to
+                        write such a model unless the check is turned off).
+    """
+
+    kind: str
+    reason: str = ""
+
+
+ONNXRUNTIME = Proof("onnxruntime")
+
+
+class Target:
+    name: ClassVar[str]
+    floor_opset: ClassVar[int]  # default-domain opset the emitted ops need
+    domains: ClassVar[dict[str, int]] = {}  # other opset imports the emitted nodes need
+    proof: ClassVar[Proof] = ONNXRUNTIME
+    # Whether `--kv-cache static` can write its fixed caches (TensorScatter and masked Attention)
+    # for this target.
+    static_cache: ClassVar[bool] = False
+    # spec type -> emitter(spec, rewrite); a spec of another type is left as primitive ops.
+    emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}
+
+    def refusal(self, spec) -> str | None:
+        """Why this target cannot express `spec`, or None if it can."""
+        if type(spec) not in self.emitters:
+            return f"target {self.name} keeps this as primitive ops"
+        return None
+
+    def emit(self, spec, rw: Rewrite) -> None:
+        """Add the nodes that compute what `spec` describes to `rw` (they take over its output)."""
+        reason = self.refusal(spec)
+        if reason is not None:
+            raise Reject(reason)
+        self.emitters[type(spec)](spec, rw)
+
+    def contract(self, model: onnx.ModelProto) -> list[dict]:
+        """The static check of the written model against the runtime's contract: one entry
+        {node, op, problems} per node it has rules for; an empty `problems` meets them."""
+        return []
