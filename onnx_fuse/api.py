@@ -30,6 +30,9 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = 
     `max_cache_len` slots written by TensorScatter (kv_static.py; its check drives decode steps).
     """
     chosen = get_target(target)
+    if check and chosen.proof.kind == "none":
+        raise BadInput(f"target {chosen.name}'s output cannot be checked in onnxruntime "
+                       f"({chosen.proof.reason}): pass --no-check to write it unchecked")
     # The graph is hundreds of thousands of small objects that live until the pass ends: the
     # cyclic garbage collector would rescan them over and over (time growing faster than the
     # graph), so it is paused for the pass and whatever became garbage is collected after.
