@@ -8,9 +8,11 @@ import onnx_graphsurgeon as gs
 from .graph import Graph
 
 
-def export(graph: Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+def export(graph: Graph, template: onnx.ModelProto, domains: dict[str, int] | None = None) -> onnx.ModelProto:
     """The rewritten graph in a model that keeps the template's metadata, opsets and the
-    doc strings and metadata of every node that survived; fused nodes say which rule made them."""
+    doc strings and metadata of every node that survived; fused nodes say which rule made them.
+    `domains`: the opset versions of the domains the target's nodes use (others get version 1);
+    the model-local functions rewrites registered are added to the template's."""
     model = gs.export_onnx(graph.gs, do_type_check=False)
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
                  "doc_string"):
@@ -23,9 +25,11 @@ def export(graph: Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     known = {o.domain for o in model.opset_import}
     for domain, version in exported_opsets:
         if domain not in known:
-            model.opset_import.add(domain=domain, version=version)
+            model.opset_import.add(domain=domain, version=(domains or {}).get(domain, version))
     del model.functions[:]
     model.functions.extend(template.functions)
+    present = {(f.domain, f.name) for f in template.functions}
+    model.functions.extend(f for key, f in graph.functions.items() if key not in present)
     originals = {n.name: n for n in template.graph.node
                  if n.name and (n.doc_string or len(n.metadata_props))}
     for node in model.graph.node:

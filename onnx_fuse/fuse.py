@@ -41,7 +41,7 @@ def fuse_source(source: SourceModel, target: Target, options: Options, prover: P
     report["opset"]["to"] = attempt.opset
     describe(report, attempt.result.fused, attempt.result.unfused)
     changed = apply and bool(attempt.result.fused)
-    output = export(attempt.graph, attempt.template) if changed else source.model
+    output = export(attempt.graph, attempt.template, target.domains) if changed else source.model
     if changed:
         attach_contract(report, target.contract(output))
     fused = FuseResult(output, report, source.base_dir, changed, source.path,

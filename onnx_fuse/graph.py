@@ -45,6 +45,8 @@ class Graph:
         self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
         self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
         self.memo: dict = {}  # verifications rules make once per pass (see rewrite.once)
+        # model-local functions the emitted nodes call ((domain, name) -> FunctionProto)
+        self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
         self._shapes: dict[int, tuple] = {}
         self._refine_shapes()
 

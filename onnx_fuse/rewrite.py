@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import Graph, Node, Tensor
@@ -87,6 +88,7 @@ class Rewrite:
         self._takeovers: list[Tensor] = []
         self._shared: dict = {}
         self._names: list[str] = []
+        self._functions: dict[tuple[str, str], onnx.FunctionProto] = {}
 
     def _fresh(self, prefix: str) -> str:
         name = self.graph.fresh_name(prefix)
@@ -116,6 +118,11 @@ class Rewrite:
         self.nodes.append(PendingNode(op_type, list(inputs), outputs, dict(attrs or {}), domain))
         return outputs[0]
 
+    def function(self, proto: onnx.FunctionProto) -> None:
+        """A model-local function the emitted nodes call (a custom op's body in standard ops,
+        which onnxruntime runs and TensorRT inlines where no plugin takes the node)."""
+        self._functions.setdefault((proto.domain, proto.name), proto)
+
     def discard(self) -> None:
         for name in self._names:
             self.graph.release_name(name)
@@ -134,6 +141,8 @@ class Rewrite:
             self.graph.fused_by[node.name] = self.rule
             created.append(node)
         self.graph.shared.update(self._shared)
+        for key, proto in self._functions.items():
+            self.graph.functions.setdefault(key, proto)
         return created
 
 

@@ -114,7 +114,12 @@ class AttentionSpec:
     dtype: int  # onnx dtype of Q, K, V
     q_heads: Dim
     kv_heads: Dim
-    head_size: Dim
+    head_size: Dim  # of Q and K
+    value_head_size: Dim = None  # of V where it differs from Q/K's (multi-head latent attention)
+    # Learned attention sinks (GPT-OSS): one logit per query head [Nq], in Q's type, that joins
+    # every row's softmax denominator and is dropped after: softmax over [scores, sink], then
+    # the sink column removed. ONNX Attention cannot express it.
+    sinks: Tensor | None = None
 
     def summary(self) -> dict:
         return {
@@ -128,6 +133,8 @@ class AttentionSpec:
             "window": None if self.mask is None or self.mask.klass is None else self.mask.klass.window,
             "is_causal": self.mask is not None and self.mask.upper_left_causal,
             "dtype": _dtype_name(self.dtype),
+            **({"value_head_size": self.value_head_size} if self.value_head_size is not None else {}),
+            **({"sinks": self.sinks.name} if self.sinks is not None else {}),
         }
 
 

@@ -26,6 +26,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from . import runtime
 from .errors import first_line
+from .export import export
 from .graph import Graph, Node, Tensor, onnx_dtype
 from .rewrite import Reject, Rewrite
 
@@ -159,7 +160,8 @@ def emitted(graph: Graph, spec, target, inputs: list[Tensor], outputs: list[Tens
     rewrite = Rewrite(alone, "check")
     target.emit(replace(spec, **rebound), rewrite)
     rewrite.apply()
-    model = gs.export_onnx(alone.gs, do_type_check=False)
+    model = export(alone, onnx.helper.make_model(onnx.helper.make_graph([], "emitted", [], []),
+                                                 opset_imports=opsets), target.domains)
     model.ir_version = _IR_VERSION
     return model
 

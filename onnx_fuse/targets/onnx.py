@@ -196,5 +196,11 @@ class OnnxTarget(Target):
     emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary,
                 KVCacheWriteSpec: emit_kv_cache_write}
 
+    def refusal(self, spec) -> str | None:
+        if isinstance(spec, AttentionSpec) and spec.sinks is not None:
+            return ("ONNX Attention cannot express learned attention sinks (an extra logit in "
+                    "every softmax row); target ort's GroupQueryAttention takes them as head_sink")
+        return super().refusal(spec)
+
     def contract(self, model: onnx.ModelProto) -> list[dict]:
         return trt_contract.check_model(model)
