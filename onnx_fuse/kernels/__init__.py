@@ -36,8 +36,11 @@ def _attn_constexprs(q, k, v, scale, causal, window, softcap, use_mask):
 
 
 def attention(q, k, v, key_mask=None, sinks=None, kv_lengths=None, *, scale=None, causal=0,
-              window=0, softcap=0.0, masked_row=0, decode=None, tile=None, splits=None):
-    """The attention op. key_mask None: no mask; sinks None: none; kv_lengths None: Skv."""
+              window=0, softcap=0.0, masked_row=0, decode=None, tile=None, splits=None, out=None):
+    """The attention op. key_mask None: no mask; sinks None: none; kv_lengths None: Skv.
+
+    decode None picks the split-KV kernel when the query rows of a KV head fit one tile.
+    """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, nq, sq, head = q.shape
     nkv, skv, head_v = k.shape[1], k.shape[2], v.shape[3]
@@ -46,7 +49,8 @@ def attention(q, k, v, key_mask=None, sinks=None, kv_lengths=None, *, scale=None
     key_mask = key_mask.contiguous()
     scale = 1.0 / math.sqrt(head) if scale is None else scale
     const = _attn_constexprs(q, k, v, scale, causal, window, softcap, use_mask)
-    out = torch.empty((b, nq, sq, head_v), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((b, nq, sq, head_v), dtype=q.dtype, device=q.device)
     rows = nq // nkv * sq
     if decode is None:
         decode = rows <= 64 and skv >= 4 * sq
