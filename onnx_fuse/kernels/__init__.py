@@ -85,30 +85,47 @@ def _sm_count(t):
     return torch.cuda.get_device_properties(t.device).multi_processor_count
 
 
-def rope(x, cos_cache, sin_cache, position_ids, *, interleaved=0, rotary_dim=0, out=None):
+def rope(x, cos_cache, sin_cache, position_ids, *, interleaved=0, rotary_dim=0, out=None,
+         tile=None):
     """Out of place by default; out=x rotates in place."""
     x = x.contiguous()
     b, n, s, head = x.shape
     half = (rotary_dim or head) // 2
+    in_place = out is not None and out.data_ptr() == x.data_ptr()
     out = torch.empty_like(x) if out is None else out
-    block_r, block_d = launch.rows_tile(head)
+    tile = tile or launch.RowTile()
+    const = rope_constexprs(head, half, interleaved, in_place, tile)
     rows = b * n * s
-    rope_kernel[launch.rows_grid(rows, block_r)[:1]](
+    rope_kernel[launch.rows_grid(rows, const["BLOCK_R"])[:1]](
         x, cos_cache.contiguous(), sin_cache.contiguous(), position_ids.contiguous(), rows,
-        n * s, s, out, HEAD=head, HALF=half, INTERLEAVED=bool(interleaved), BLOCK_D=block_d,
-        BLOCK_R=block_r, num_warps=4)
+        n * s, s, out, num_warps=tile.num_warps, **const)
     return out
 
 
-def kv_write(cache, update, write_indices):
+def rope_constexprs(head, half, interleaved, in_place, tile):
+    block_h = launch.next_pow2(half)
+    rest = head - 2 * half
+    return dict(HEAD=head, HALF=half, INTERLEAVED=bool(interleaved),
+                COPY_REST=bool(rest) and not in_place, BLOCK_H=block_h,
+                BLOCK_P=launch.next_pow2(max(rest, 1)),
+                BLOCK_R=launch.rows_per_program(2 * block_h, tile))
+
+
+def kv_write(cache, update, write_indices, *, tile=None):
     """Writes update into cache in place (cache must be contiguous) and returns it."""
     assert cache.is_contiguous()
     update = update.contiguous()
     b, n, length, head = cache.shape
     s = update.shape[2]
-    block_r, block_d = launch.rows_tile(head)
+    tile = tile or launch.RowTile()
+    const = kv_write_constexprs(head, tile)
     rows = b * n * s
-    kv_write_kernel[launch.rows_grid(rows, block_r)[:1]](
-        cache, update, write_indices.contiguous(), rows, n, s, length, cache, HEAD=head,
-        BLOCK_D=block_d, BLOCK_R=block_r, num_warps=4)
+    kv_write_kernel[launch.rows_grid(rows, const["BLOCK_R"])[:1]](
+        cache, update, write_indices.contiguous(), rows, n, s, length, cache,
+        num_warps=tile.num_warps, **const)
     return cache
+
+
+def kv_write_constexprs(head, tile):
+    block_d = launch.next_pow2(head)
+    return dict(HEAD=head, BLOCK_D=block_d, BLOCK_R=launch.rows_per_program(block_d, tile))

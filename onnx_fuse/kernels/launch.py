@@ -23,12 +23,14 @@ def cdiv(a, b):
 
 
 def prefill_tile(head, head_v):
-    """Hopper tiles: 128-row query blocks over 8 warps (two warpgroups); smaller for large heads."""
+    """Hopper tiles: 128-row query blocks over 8 warps (two warpgroups), 3 stages of 64 keys.
+
+    Best of 8 candidates on an H200 for heads 64 and 128 (benchmarks/KERNELS.md); larger
+    heads halve the tiles to fit shared memory.
+    """
     width = max(next_pow2(head), next_pow2(head_v))
-    if width <= 64:
-        return Tile(128, 128, 8, 3)
     if width <= 128:
-        return Tile(128, 128, 8, 2)
+        return Tile(128, 64, 8, 3)
     return Tile(64, 64, 4, 2)
 
 
@@ -52,10 +54,15 @@ def decode_grid(batch, nkv, splits):
     return (splits, batch * nkv, 1)
 
 
-def rows_tile(head):
-    """Rows per program for the row-wise kernels (RoPE, KV write): ~4K elements each."""
-    width = next_pow2(head)
-    return max(1, 4096 // width), width
+@dataclass(frozen=True)
+class RowTile:
+    """Row-wise kernels (RoPE, KV write): elements per program and warps."""
+    elems: int = 8192
+    num_warps: int = 4
+
+
+def rows_per_program(width, tile):
+    return max(1, tile.elems // width)
 
 
 def rows_grid(rows, block_r):

@@ -78,35 +78,35 @@ def attention_extra_args(nq, nkv, sq, skv):
     return (nq, nkv, sq, skv)
 
 
-def rope_kernel(dtype, head, half, interleaved, arch):
+def rope_kernel(dtype, head, half, interleaved, arch, in_place=False, tile=None):
+    from ..kernels import rope_constexprs
     from ..kernels.rope import rope_kernel as fn
 
-    block_r, block_d = launch.rows_tile(head)
+    tile = tile or launch.RowTile()
     signature = {"X": f"*{dtype}", "Cos": f"*{dtype}", "Sin": f"*{dtype}", "Pos": "*i64",
                  "Rows": "i32", "NS": "i32", "S": "i32", "Out": f"*{dtype}"}
-    constexprs = dict(HEAD=head, HALF=half, INTERLEAVED=bool(interleaved), BLOCK_D=block_d,
-                      BLOCK_R=block_r)
-    return compile_kernel(fn, signature, constexprs, 4, 1, arch)
+    constexprs = rope_constexprs(head, half, interleaved, in_place, tile)
+    return compile_kernel(fn, signature, constexprs, tile.num_warps, 1, arch), constexprs
 
 
-def rows_launch(compiled, head, rows):
-    block_r, _ = launch.rows_tile(head)
-    return LaunchParams(launch.rows_grid(rows, block_r), (compiled.num_warps * 32, 1, 1),
-                        compiled.shared)
+def rows_launch(compiled, constexprs, rows):
+    return LaunchParams(launch.rows_grid(rows, constexprs["BLOCK_R"]),
+                        (compiled.num_warps * 32, 1, 1), compiled.shared)
 
 
 def rope_extra_args(batch, n, s):
     return (batch * n * s, n * s, s)
 
 
-def kv_write_kernel(dtype, index_dtype, head, arch):
+def kv_write_kernel(dtype, index_dtype, head, arch, tile=None):
+    from ..kernels import kv_write_constexprs
     from ..kernels.kv_write import kv_write_kernel as fn
 
-    block_r, block_d = launch.rows_tile(head)
+    tile = tile or launch.RowTile()
     signature = {"Cache": f"*{dtype}", "Update": f"*{dtype}", "WriteIdx": f"*{index_dtype}",
                  "Rows": "i32", "N": "i32", "S": "i32", "L": "i32", "Out": f"*{dtype}"}
-    constexprs = dict(HEAD=head, BLOCK_D=block_d, BLOCK_R=block_r)
-    return compile_kernel(fn, signature, constexprs, 4, 1, arch)
+    constexprs = kv_write_constexprs(head, tile)
+    return compile_kernel(fn, signature, constexprs, tile.num_warps, 1, arch), constexprs
 
 
 def kv_write_extra_args(batch, n, length, s):

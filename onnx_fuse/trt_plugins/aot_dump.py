@@ -27,15 +27,15 @@ def _attention(arch, label, b, sq, skv, head, **attrs):
 
 
 def _rope(arch, b, n, s, head):
-    compiled = aot.rope_kernel("fp16", head, head // 2, 0, arch)
-    params = aot.rows_launch(compiled, head, b * n * s)
+    compiled, const = aot.rope_kernel("fp16", head, head // 2, 0, arch)
+    params = aot.rows_launch(compiled, const, b * n * s)
     return compiled, params, aot.rope_extra_args(b, n, s), dict(
         op="rope", label="rope", shape=[b, n, s, head], attrs=dict(interleaved=0, rotary_dim=0))
 
 
 def _kv_write(arch, b, n, length, s, head):
-    compiled = aot.kv_write_kernel("fp16", "i64", head, arch)
-    params = aot.rows_launch(compiled, head, b * n * s)
+    compiled, const = aot.kv_write_kernel("fp16", "i64", head, arch)
+    params = aot.rows_launch(compiled, const, b * n * s)
     return compiled, params, aot.kv_write_extra_args(b, n, length, s), dict(
         op="kv_write", label="kv_write", shape=[b, n, length, s, head], attrs={})
 
