@@ -48,7 +48,8 @@ def rope_model(*, halves="slice", order="x_first", interleaved=None, rotary_dim=
     position_ids) | "sliced" (table[:seq_len] then gathered).
     positions: "input" (position_ids [B, S]) | "range" (arange(seq) from x's shape).
     defect: None | "wrong_sign" (Concat(x2, -x1)) | "mismatched" (x1 = x[1:h+1]) | "swapped"
-    (x·sin + rot·cos).
+    (x·sin + rot·cos) | "uneven_tables" (computed tables whose halves differ) | "length_switch"
+    (computed: inv_freq switched on max(positions) + 1 > 16, as LongRoPE switches factors).
     """
     g = GraphBuilder()
     ax = SEQ_AXIS[layout]
@@ -72,13 +73,22 @@ def rope_model(*, halves="slice", order="x_first", interleaved=None, rotary_dim=
 
     if tables in ("computed", "matmul"):
         inv_freq = angles([1], rotary_dim)[0]
+        if defect == "length_switch":
+            longest = g.op("Add", g.op("ReduceMax", pos2, keepdims=0), g.const(1, np.int64))
+            inv_freq = g.op("Where", g.op("Greater", longest, g.const(16, np.int64)),
+                            g.const(inv_freq / 4), g.const(inv_freq))
+        else:
+            inv_freq = g.const(inv_freq)
         if tables == "computed":
             freqs = g.op("Mul", g.op("Cast", g.op("Unsqueeze", pos2, g.const([-1], np.int64)),
-                                     to=TensorProto.FLOAT), g.const(inv_freq))
+                                     to=TensorProto.FLOAT), inv_freq)
         else:
             column = g.op("Cast", g.op("Unsqueeze", pos2, g.const([1], np.int64)), to=TensorProto.FLOAT)
-            freqs = g.op("Transpose", g.op("MatMul", g.const(inv_freq[None, :, None]), column), perm=[0, 2, 1])
+            inv_freq = g.op("Unsqueeze", inv_freq, g.const([0, 2], np.int64))
+            freqs = g.op("Transpose", g.op("MatMul", inv_freq, column), perm=[0, 2, 1])
         emb = repeat(freqs)
+        if defect == "uneven_tables":
+            emb = g.op("Concat", freqs, g.op("Mul", freqs, g.const(np.float32(1.5))), axis=-1)
         cos, sin = (g.op("Cast", g.op("Mul", g.op(f, emb), g.const(scaling)), to=TensorProto.FLOAT)
                     for f in ("Cos", "Sin"))
     else:
@@ -182,7 +192,12 @@ def assert_fused_and_equal(model, feeds=None, **expect):
     assert result.report["check"]["passed"]
     nodes = rotary_nodes(result.model)
     assert len(nodes) == applications
-    assert not any(n.op_type in ("Neg", "Cos", "Sin") for n in result.model.graph.node)
+    left = [n.op_type for n in result.model.graph.node]
+    assert "Neg" not in left
+    if {f["form"] for f in result.report["fused"]} == {"table"}:  # the tables became caches
+        assert "Cos" not in left and "Sin" not in left
+    else:  # the per-token tables are computed once for every layer
+        assert left.count("Cos") <= 1 and left.count("Sin") <= 1
     for fused, original in zip(run(result.model, feeds), run(model, feeds)):
         np.testing.assert_allclose(fused, original, rtol=1e-5, atol=1e-5)
     for fused in result.report["fused"]:
@@ -266,13 +281,39 @@ def test_one_cache_pair_and_position_ids_for_all_layers(max_positions):
     assert set(nodes[0].input[1:3]) <= initializers
 
 
-def test_max_positions_unknown_for_computed_tables_is_a_reason_not_a_guess():
-    model = rope_model()
+@pytest.mark.parametrize("kwargs", [dict(), dict(tables="matmul"), dict(layout="bsnh"), dict(layout="3d"),
+                                    dict(interleaved="strided"), dict(rotary_dim=8), dict(positions="range")])
+def test_computed_tables_with_nothing_bounding_the_positions_fuse_as_computed(kwargs):
+    """No --max-positions: RotaryEmbedding takes the graph's own cos/sin per token, [B, S, R/2],
+    without position ids, shared by every layer; proven on positions far beyond any table."""
+    model = rope_model(layers=2, **kwargs)
+    result = assert_fused_and_equal(model, feeds_for(model, limit=60_000))
+    rope = [f for f in result.report["fused"] if f["rule"] == "rope"]
+    assert {f["form"] for f in rope} == {"computed"} and {f["max_positions"] for f in rope} == {None}
+    assert all("nothing bounds the positions" in f["form_reason"] for f in rope)
+    nodes = rotary_nodes(result.model)
+    assert all(len(n.input) == 3 for n in nodes)  # x, cos, sin: no position ids
+    assert len({tuple(n.input[1:]) for n in nodes}) == 1
+
+
+def test_computed_tables_whose_halves_differ_stay_unfused():
+    model = rope_model(defect="uneven_tables")
     result = onnx_fuse.fuse(model, check=False)
     assert result.report["counts"] == {} and not result.changed
-    misses = result.report["unfused"]
-    assert len(misses) == len(model.graph.output)
-    assert all(m["pattern"] == "rope" and "max_positions is unknown" in m["reason"] for m in misses)
+    reasons = {m["reason"] for m in result.report["unfused"]}
+    assert reasons == {"the cos table's two halves differ: it does not rotate pairs of channels"}
+
+
+def test_a_switch_on_the_sequence_length_keeps_the_computed_form_even_with_max_positions(max_positions):
+    """LongRoPE picks its factors by the longest position: a table indexed by position would be
+    wrong for short sequences, so the switch stays in the graph feeding the per-token form."""
+    max_positions(64)
+    model = rope_model(defect="length_switch")
+    for seq in (5, 20):  # both sides of the switch
+        result = assert_fused_and_equal(model, feeds_for(model, seq=seq, limit=seq))
+        rope = [f for f in result.report["fused"] if f["rule"] == "rope"]
+        assert {f["form"] for f in rope} == {"computed"}
+        assert all("depend on the other positions" in f["form_reason"] for f in rope)
 
 
 def test_max_positions_override_cannot_exceed_a_table(max_positions):
