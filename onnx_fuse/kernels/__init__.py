@@ -93,7 +93,7 @@ def rope(x, cos_cache, sin_cache, position_ids, *, interleaved=0, rotary_dim=0, 
     half = (rotary_dim or head) // 2
     in_place = out is not None and out.data_ptr() == x.data_ptr()
     out = torch.empty_like(x) if out is None else out
-    tile = tile or launch.RowTile()
+    tile = tile or launch.ROPE_TILE
     const = rope_constexprs(head, half, interleaved, in_place, tile)
     rows = b * n * s
     rope_kernel[launch.rows_grid(rows, const["BLOCK_R"])[:1]](
@@ -117,7 +117,7 @@ def kv_write(cache, update, write_indices, *, tile=None):
     update = update.contiguous()
     b, n, length, head = cache.shape
     s = update.shape[2]
-    tile = tile or launch.RowTile()
+    tile = tile or launch.KV_WRITE_TILE
     const = kv_write_constexprs(head, tile)
     rows = b * n * s
     kv_write_kernel[launch.rows_grid(rows, const["BLOCK_R"])[:1]](

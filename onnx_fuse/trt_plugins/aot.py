@@ -82,7 +82,7 @@ def rope_kernel(dtype, head, half, interleaved, arch, in_place=False, tile=None)
     from ..kernels import rope_constexprs
     from ..kernels.rope import rope_kernel as fn
 
-    tile = tile or launch.RowTile()
+    tile = tile or launch.ROPE_TILE
     signature = {"X": f"*{dtype}", "Cos": f"*{dtype}", "Sin": f"*{dtype}", "Pos": "*i64",
                  "Rows": "i32", "NS": "i32", "S": "i32", "Out": f"*{dtype}"}
     constexprs = rope_constexprs(head, half, interleaved, in_place, tile)
@@ -102,7 +102,7 @@ def kv_write_kernel(dtype, index_dtype, head, arch, tile=None):
     from ..kernels import kv_write_constexprs
     from ..kernels.kv_write import kv_write_kernel as fn
 
-    tile = tile or launch.RowTile()
+    tile = tile or launch.KV_WRITE_TILE
     signature = {"Cache": f"*{dtype}", "Update": f"*{dtype}", "WriteIdx": f"*{index_dtype}",
                  "Rows": "i32", "N": "i32", "S": "i32", "L": "i32", "Out": f"*{dtype}"}
     constexprs = kv_write_constexprs(head, tile)
