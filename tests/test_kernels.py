@@ -136,3 +136,24 @@ def test_kv_write(index_dtype, head):
     out = kernels.kv_write(cache, update, idx)
     assert out.data_ptr() == cache.data_ptr()
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.get("no_mask")],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_reference_matches_the_onnx_function_body(case):
+    """The kernels' reference and the op's ONNX body (onnxruntime) compute the same function."""
+    from test_plugin_ops import run
+
+    from onnx_fuse import plugin_ops
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, mask, sinks, lengths = attention_inputs(gen, torch.float32, sq=5, skv=11,
+                                                     empty_row=case.get("empty_row", False))
+    sinks = sinks if case.get("sinks") else torch.full((4,), -math.inf)
+    attrs = dict(scale=0.3, causal=case["causal"], window=case.get("window", 0),
+                 softcap=case.get("softcap", 0.0), masked_row=case.get("masked_row", 0))
+    feeds = dict(Q=q.numpy(), K=k.numpy(), V=v.numpy(), key_mask=mask.numpy(),
+                 sinks=sinks.numpy(), kv_lengths=lengths.numpy())
+    body = run(plugin_ops.attention_node(*feeds, "Y", **attrs), feeds, q.numpy().dtype.type)
+    ref = reference.attention(q, k, v, mask, sinks, lengths, **attrs)
+    torch.testing.assert_close(torch.from_numpy(body), ref, rtol=1e-5, atol=1e-5)
