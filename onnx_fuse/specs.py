@@ -173,6 +173,13 @@ class RotarySpec:
     cos: Tensor | None = None  # computed form: cos as multiplied with x ([.., seq, .., rotary_dim])
     sin: Tensor | None = None
     table_rank: int = 0  # rank of `cos`
+    tables_halved: bool = False  # computed form: `cos`/`sin` hold one angle per pair already
+    # x's channels go in de-interleaved (x[..., 0::2], then x[..., 1::2]): the output of a
+    # rotation written on even and odd channels whose results are concatenated, not interleaved
+    deinterleave: bool = False
+    # The rotation's result is concatenated (on the last axis, in the same Concat) between these
+    # tensors: `output` is that Concat's (MLA's q_nope and q_rope, merged by TorchScript)
+    around: tuple[list, list] | None = None
 
     @property
     def max_positions(self) -> int | None:
@@ -185,6 +192,7 @@ class RotarySpec:
             "head_size": self.head_size,
             "form": self.form,
             "form_reason": self.form_reason,
+            **({"deinterleave": True} if self.deinterleave else {}),
             "max_positions": self.max_positions,
             "layout": self.layout,
             "dtype": _dtype_name(self.dtype),

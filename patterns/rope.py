@@ -73,6 +73,32 @@ passed = either(op.Slice(var("x")), op.Split(var("x"), name="parts"))
 rope = either(op.Concat(rotation(channels_of_x), passed, name="partial"), rotation(var("x")))
 
 
+# The rotation as a complex multiplication (GPT-OSS, DeepSeek-V3): (x1·c − x2·s, x2·c + x1·s),
+# with c and s one angle per pair; no Neg, so its own rule anchors at the Sub. The two parts may
+# sit inside a longer Concat (TorchScript merges MLA's cat(q_nope, cat(real, imag))).
+complex_rope = op.Concat(
+    op.Sub(op.Mul(var("x1"), var("cos"), commutative=True), op.Mul(var("x2"), var("sin"), commutative=True),
+           name="real"),
+    op.Add(op.Mul(var("x2"), var("cos"), commutative=True), op.Mul(var("x1"), var("sin"), commutative=True),
+           commutative=True, name="imag"),
+    name="rotate", run=True)
+
+
+def complex_rotation_output(graph: Graph, sub: Node) -> Tensor:
+    users = graph.consumers(sub.outputs[0])
+    if len(users) != 1 or users[0].op != "Concat" or not _on_last_axis(graph, users[0]):
+        raise Reject("the Sub does not feed a Concat of the real and imaginary parts")
+    return users[0].outputs[0]
+
+
+def is_complex_rotation(graph: Graph, sub: Node) -> bool:
+    """A Sub of two products that a Concat takes: anything else (the many other Subs of a model)
+    is not a candidate."""
+    users = graph.consumers(sub.outputs[0])
+    products = all((p := graph.producer(t)) is not None and p.op == "Mul" for t in sub.inputs)
+    return products and len(users) == 1 and users[0].op == "Concat"
+
+
 def rotation_output(graph: Graph, neg: Node) -> Tensor:
     """From the Neg forward to the sum x·cos + rotate(x)·sin, and on to the Concat that appends
     the channels a partial rotary passes through."""
@@ -99,7 +125,29 @@ def _on_last_axis(graph: Graph, concat: Node) -> bool:
 # --- describe: structure, tables, numbers ----------------------------------------------------
 
 def describe_rope(graph: Graph, m: Match) -> RotarySpec:
-    x, output = m["x"], m["partial" if "partial" in m.captures else "sum"].outputs[0]
+    output = m["partial" if "partial" in m.captures else "sum"].outputs[0]
+    return _rotary_spec(graph, m["x"], output, m["cos"], m["sin"], interleaved="flatten" in m.captures,
+                        partial="partial" in m.captures)
+
+
+def describe_complex_rope(graph: Graph, m: Match) -> RotarySpec:
+    """(x1·c − x2·s, x2·c + x1·s) with x1, x2 the two halves of x, or its even and odd channels
+    (the output then holds the rotated even channels, then the odd: rotate-half RoPE of x with
+    its channels de-interleaved)."""
+    x, order = _pair_source(graph, m["x1"], m["x2"])
+    concat, start = m["rotate"], m["rotate:start"]
+    spec = _rotary_spec(graph, x, concat.outputs[0], m["cos"], m["sin"], interleaved=False,
+                        partial=False, halved=True, deinterleave=order == "strided")
+    if len(concat.inputs) > 2:
+        spec.around = (list(concat.inputs[:start]), list(concat.inputs[start + 2:]))
+    return spec
+
+
+def _rotary_spec(graph: Graph, x: Tensor, output: Tensor, cos_t: Tensor, sin_t: Tensor, *,
+                 interleaved: bool, partial: bool, halved: bool = False,
+                 deinterleave: bool = False) -> RotarySpec:
+    """The spec of a rotation of x by the tables cos_t/sin_t, its tables evaluated and proven
+    to rotate pairs of channels. halved: the tables hold one angle per pair already."""
     shape, dtype = graph.shape(x), onnx_dtype(x)
     if shape is None or len(shape) not in (3, 4):
         raise Reject(f"x has rank {None if shape is None else len(shape)}, not 3 or 4")
@@ -107,29 +155,71 @@ def describe_rope(graph: Graph, m: Match) -> RotarySpec:
         raise Reject("the head size is not static")
     if dtype not in _TOLERANCE:
         raise Reject(f"x is {onnx.TensorProto.DataType.Name(dtype or 0)}, not a float type this can verify")
-    interleaved = "flatten" in m.captures
-
-    tables = _tables(graph, m["cos"], m["sin"])
-    rotary_dim = tables.samples[0][0].shape[-1]
-    if rotary_dim % 2 or rotary_dim > shape[-1] or ("partial" in m.captures) == (rotary_dim == shape[-1]):
-        raise Reject(f"the tables have {rotary_dim} channels for a head of {shape[-1]}")
+    tables = _tables(graph, cos_t, sin_t)
+    channels = tables.samples[0][0].shape[-1]
+    rotary_dim = 2 * channels if halved else channels
+    if rotary_dim % 2 or rotary_dim > shape[-1] or partial == (rotary_dim == shape[-1]):
+        raise Reject(f"the tables have {channels} channels for a head of {shape[-1]}")
     layout = _layout(len(shape), len(shape) - tables.rank + tables.axis)
-    halves = [(_halve(cos, interleaved, "cos"), _halve(sin, interleaved, "sin"), first)
-              for cos, sin, first in tables.samples]
-    for cos, sin, first in halves:
+    pairs = tables.samples if halved else [
+        (_halve(cos, interleaved, "cos"), _halve(sin, interleaved, "sin"), first) for cos, sin, first in tables.samples]
+    for cos, sin, first in pairs:
         _require_rotation(cos, sin, max(1e-3, _TOLERANCE[dtype]), starts_at_zero=first == 0)
-    if dtype != onnx_dtype(m["cos"]) or dtype != onnx_dtype(m["sin"]):
+    if dtype != onnx_dtype(cos_t) or dtype != onnx_dtype(sin_t):
         raise Reject("cos/sin are not of x's type")
     table = tables.form == "table"
     return RotarySpec(
         input=x, output=output, positions=tables.positions,
-        cos_cache=halves[0][0] if table else None, sin_cache=halves[0][1] if table else None,
-        cache_key=(tables.key, interleaved), interleaved=interleaved,
+        cos_cache=pairs[0][0] if table else None, sin_cache=pairs[0][1] if table else None,
+        cache_key=(tables.key, interleaved, halved), interleaved=interleaved,
         rotary_dim=rotary_dim, head_size=shape[-1], layout=layout, dtype=dtype,
         form=tables.form, form_reason=tables.reason,
-        cos=None if table else m["cos"], sin=None if table else m["sin"],
-        table_rank=tables.rank,
+        cos=None if table else cos_t, sin=None if table else sin_t,
+        table_rank=tables.rank, tables_halved=halved, deinterleave=deinterleave,
     )
+
+
+def _pair_source(graph: Graph, x1: Tensor, x2: Tensor) -> tuple[Tensor, str]:
+    """x and how x1, x2 are cut from it: "halves" (x[..., :d/2], x[..., d/2:] by two Slices or
+    one Split) or "strided" (x[..., 0::2], x[..., 1::2])."""
+    a, b = graph.producer(x1), graph.producer(x2)
+    if a is None or b is None or a.op not in ("Slice", "Split") or b.op not in ("Slice", "Split") \
+            or a.inputs[0] is not b.inputs[0]:
+        raise Reject("the rotated parts are not two slices of one tensor")
+    x = a.inputs[0]
+    head = (graph.shape(x) or [None])[-1]
+    if not isinstance(head, int):
+        raise Reject("the head size is not static")
+    if a.op == "Split":
+        ok = a is b and a.outputs.index(x1) == 0 and a.outputs.index(x2) == 1 and len(a.outputs) == 2 \
+            and a.attrs.get("axis", 0) in (-1, len(graph.shape(x)) - 1) and _split_even(graph, a, head)
+        if not ok:
+            raise Reject("the Split does not cut x's last axis into two equal halves")
+        return x, "halves"
+    cuts = [_cut(graph, node, len(graph.shape(x)), head) for node in (a, b)]
+    if cuts == [(0, head // 2, 1), (head // 2, head, 1)]:
+        return x, "halves"
+    if cuts == [(0, head, 2), (1, head, 2)]:
+        return x, "strided"
+    raise Reject(f"the rotated parts are x[{cuts[0]}] and x[{cuts[1]}], not halves or even/odd channels")
+
+
+def _split_even(graph: Graph, split: Node, head: int) -> bool:
+    sizes = graph.value(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1].name else None
+    return (sizes is None and head % 2 == 0) or sizes is not None and list(np.ravel(sizes)) == [head // 2] * 2
+
+
+def _cut(graph: Graph, node: Node, rank: int, head: int) -> tuple | None:
+    """(start, end, step) of a Slice along x's last axis, clamped to the head; None otherwise."""
+    bounds = [graph.value(t) if t.name else None for t in node.inputs[1:5]]
+    if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+        return None
+    axes = [rank - 1] if len(bounds) < 3 or bounds[2] is None else [a % rank for a in np.ravel(bounds[2])]
+    steps = [1] if len(bounds) < 4 or bounds[3] is None else np.ravel(bounds[3]).tolist()
+    if axes != [rank - 1] or len(steps) != 1:
+        return None
+    start, end, step = slice(int(np.ravel(bounds[0])[0]), int(np.ravel(bounds[1])[0]), int(steps[0])).indices(head)
+    return start, end if step == 1 else head, step
 
 
 def _layout(rank: int, seq_axis: int) -> str:
@@ -341,13 +431,19 @@ _BATCH, _SEQ_LENGTHS, _HEADS = 2, (1, 5), 3
 
 def verify_rope(graph: Graph, m: Match, spec: RotarySpec, target) -> None:
     """Run the matched subgraph and what the target emits for `spec` on the same random x and
-    positions (including 0 and max_positions - 1); once per distinct subgraph and x shape."""
-    rotated = next(t for t in m["rotated_sin"].inputs if t is not m["sin"])
-    channels = next(t for t in m["x_cos"].inputs if t is not m["cos"])
-    watched = [spec.output, rotated] + ([channels, m["partial"].inputs[1]] if "partial" in m.captures else [])
+    positions (including 0 and max_positions - 1); once per distinct subgraph and x shape. The
+    rotate(x) the Neg rule matched and a partial rotary's parts are checked on the way, so that a
+    wrong sign or a wrong cut gets its own reason."""
+    watched = [spec.output]
+    if "rotated_sin" in m.captures:
+        watched.append(next(t for t in m["rotated_sin"].inputs if t is not m["sin"]))
+        if "partial" in m.captures:
+            watched += [next(t for t in m["x_cos"].inputs if t is not m["cos"]), m["partial"].inputs[1]]
     tables = [spec.cos, spec.sin] if spec.form == "computed" else []
-    cut = Cut(graph, watched + tables, {id(spec.input): "x", id(spec.positions): "positions"},
-              opaque=lambda node: _bounds_table(graph, node), what="the rotation subgraph")
+    roles = {id(spec.input): "x", id(spec.positions): "positions"}
+    roles.update({id(t): f"around {i}" for i, t in enumerate(_around(spec))})
+    cut = Cut(graph, watched + tables, roles, opaque=lambda node: _bounds_table(graph, node),
+              what="the rotation subgraph")
     static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.input))
     key = ("verified", cut.signature, static, spec.cache_key, spec.interleaved, spec.form, target.name)
     once(graph, ("rope check", key), lambda: _compare(graph, cut, spec, target, len(tables)))
@@ -361,8 +457,9 @@ def _compare(graph: Graph, cut: Cut, spec: RotarySpec, target, tables: int) -> N
     """The matched subgraph and what the target emits on the same x and positions; the computed
     form's replacement gets the cos/sin the graph computes for them."""
     x, positions = spec.input, spec.positions
-    original = cut.session([x, positions] + cut.shape_leaves)
-    inputs = [x] + ([spec.cos, spec.sin] if tables else [positions])
+    around = _around(spec)
+    original = cut.session([x, positions] + around + cut.shape_leaves)
+    inputs = [x] + ([spec.cos, spec.sin] if tables else [positions]) + around
     replacement = session(emitted(graph, spec, target, inputs, [spec.output]), graph.base_dir,
                           f"what target {target.name} emits")
     rng = np.random.default_rng(0)
@@ -374,20 +471,34 @@ def _compare(graph: Graph, cut: Cut, spec: RotarySpec, target, tables: int) -> N
                  positions.name: _random_positions(rng, graph, positions, dims[0], seq, limit)}
         for leaf in cut.shape_leaves:
             feeds[leaf.name] = np.zeros(_dims(graph.shape(leaf), sizes, seq), np_dtype(leaf))
-        y, rotated, *parts = run(original, feeds)
+        for part in around:  # what the Concat holding the rotation puts around it
+            feeds[part.name] = rng.standard_normal(_dims(graph.shape(part), sizes, seq)).astype(np_dtype(part))
+        y, *parts = run(original, feeds)
         if tables:
             parts, (feeds[spec.cos.name], feeds[spec.sin.name]) = parts[:-2], parts[-2:]
-        head = feeds[x.name].astype(np.float64)
-        if parts and not (np.array_equal(parts[0], head[..., :spec.rotary_dim])
-                          and np.array_equal(parts[1], head[..., spec.rotary_dim:])):
-            raise Reject(f"the rotated and passed parts are not x[..., :{spec.rotary_dim}] and "
-                         f"x[..., {spec.rotary_dim}:]")
-        _require_rotate(rotated, head[..., :spec.rotary_dim], spec.interleaved, tolerance)
+        _require_parts(parts, feeds[x.name].astype(np.float64), spec, tolerance)
         expected = run(replacement, feeds)[0]
         if not np.allclose(y, expected, rtol=tolerance, atol=tolerance):
             error = float(np.max(np.abs(y.astype(np.float64) - expected)))
             raise Reject(f"what target {target.name} emits differs from the matched subgraph by "
                          f"{error:.3g} (sequence length {seq})")
+
+
+def _around(spec: RotarySpec) -> list[Tensor]:
+    return [t for side in spec.around for t in side] if spec.around else []
+
+
+def _require_parts(parts: list, head: np.ndarray, spec: RotarySpec, tolerance: float) -> None:
+    """rotate(x) and a partial rotary's parts (the Neg rule's intermediates) are what they
+    should be, when they were watched."""
+    if not parts:
+        return
+    rotated, cuts = parts[0], parts[1:]
+    if cuts and not (np.array_equal(cuts[0], head[..., :spec.rotary_dim])
+                     and np.array_equal(cuts[1], head[..., spec.rotary_dim:])):
+        raise Reject(f"the rotated and passed parts are not x[..., :{spec.rotary_dim}] and "
+                     f"x[..., {spec.rotary_dim}:]")
+    _require_rotate(rotated, head[..., :spec.rotary_dim], spec.interleaved, tolerance)
 
 
 def _require_rotate(rotated: np.ndarray, x: np.ndarray, interleaved: bool, tolerance: float) -> None:
@@ -457,5 +568,14 @@ RULES = [
         root=rotation_output,
         describe=describe_rope,
         verify=verify_rope,
-    )
+    ),
+    Rule(
+        name="rope",
+        anchor="Sub",
+        pattern=complex_rope,
+        root=complex_rotation_output,
+        describe=describe_complex_rope,
+        verify=verify_rope,
+        candidate=is_complex_rotation,
+    ),
 ]

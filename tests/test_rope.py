@@ -382,3 +382,50 @@ def test_rope_and_attention_fuse_in_either_order(rope_first, max_positions, monk
     rotary_outputs = {n.output[0] for n in rotary_nodes(result.model)}
     attention = [n for n in result.model.graph.node if n.op_type == "Attention"]
     assert all(n.input[0] in rotary_outputs for n in attention)
+
+
+def complex_rope_model(*, parts="halves", around=False, defect=None, heads=2, head=16):
+    """(x1·c − x2·s, x2·c + x1·s) with x1, x2 the halves of x (GPT-OSS) or its even and odd
+    channels (DeepSeek-V3), c and s one angle per pair computed from position_ids; `around`
+    puts the rotation inside a longer Concat after a pass-through tensor (TorchScript's MLA).
+    defect "plus": the real part written x1·c + x2·s (not a rotation); "cos_twice": the real
+    part x1·c − x2·c."""
+    g = GraphBuilder()
+    x = g.input("x", TensorProto.FLOAT, ["B", heads, "S", head])
+    pos = g.input("position_ids", TensorProto.INT64, ["B", "S"])
+    freqs = g.op("Mul", g.op("Cast", g.op("Unsqueeze", pos, g.const([-1], np.int64)), to=TensorProto.FLOAT),
+                 g.const(angles([1], head)[0]))  # [B, S, head/2]
+    c, s = (g.op("Unsqueeze", g.op(f, freqs), g.const([1], np.int64)) for f in ("Cos", "Sin"))
+
+    def cut(start, end, step):
+        return g.op("Slice", x, g.const([start], np.int64), g.const([end], np.int64), g.const([-1], np.int64),
+                    g.const([step], np.int64))
+
+    x1, x2 = (cut(0, head // 2, 1), cut(head // 2, INT_MAX, 1)) if parts == "halves" \
+        else (cut(0, INT_MAX, 2), cut(1, INT_MAX, 2))
+    real = g.op("Add" if defect == "plus" else "Sub", g.op("Mul", x1, c),
+                g.op("Mul", x2, c if defect == "cos_twice" else s))
+    imag = g.op("Add", g.op("Mul", x2, c), g.op("Mul", x1, s))
+    if around:
+        passed = g.input("passed", TensorProto.FLOAT, ["B", heads, "S", 4])
+        return g.model(g.op("Concat", passed, real, imag, axis=-1))
+    return g.model(g.op("Concat", real, imag, axis=-1))
+
+
+@pytest.mark.parametrize("parts, around", [("halves", False), ("strided", False), ("strided", True)])
+def test_rotation_written_as_a_complex_product_fuses(parts, around):
+    model = complex_rope_model(parts=parts, around=around)
+    result = assert_fused_and_equal(model, feeds_for(model, limit=5000))
+    (fused,) = result.report["fused"]
+    assert fused.get("deinterleave", False) == (parts == "strided")
+
+
+def test_a_complex_product_that_is_not_a_rotation_stays_unfused():
+    model = complex_rope_model(defect="plus")
+    result = onnx_fuse.fuse(model, check=False)
+    assert result.report["counts"] == {} and not result.changed
+    assert result.report["unfused"] == []  # x1·c + x2·s has no Sub: not even a candidate
+    result = onnx_fuse.fuse(complex_rope_model(parts="strided", defect="cos_twice"), check=False)
+    assert result.report["counts"] == {} and not result.changed
+    (miss,) = result.report["unfused"]
+    assert miss["pattern"] == "rope" and "must be the same tensor" in miss["reason"], miss
