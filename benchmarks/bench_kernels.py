@@ -24,7 +24,7 @@ from triton.testing import do_bench
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 try:
-    import onnx_fuse  # noqa: F401
+    import onnx_fuse  # noqa: F401  (the engine's dependencies are there)
 except ImportError:
     # A GPU machine may lack the engine's dependencies (onnx-graphsurgeon); the kernels need
     # none of them, so the package is entered without running its __init__.
@@ -431,7 +431,8 @@ def report(checks, prefill, decode, pointwise, copy, tuning):
         print(f"  {'ok ' if err <= tol else 'BAD'} {err:9.2e}  {name}")
     print("\ntuning:", {f"prefill fp16 H{h}": str(t) for (d, h), t in tuning.items()
                         if d == torch.float16})
-    print("\nprefill causal TFLOP/s   dtype     H   S      B  ours   SDPA  ratio  floor(0.9, fp16 H128 S>=2048)")
+    print("\nprefill causal TFLOP/s (floor: 0.9 x SDPA at fp16, H128, S >= 2048)")
+    print("  dtype        H      S   B   ours   SDPA  ratio")
     for r in prefill:
         gated = r["dtype"] == "float16" and r["head"] == 128 and r["s"] >= 2048
         ratio = r["ours"] / r["sdpa"]
@@ -441,7 +442,8 @@ def report(checks, prefill, decode, pointwise, copy, tuning):
     print("\ndecode fp16 H128 (GB/s, fraction of copy; floor 0.6 at past>=4096)")
     for r in decode:
         verdict = ("met" if r["frac"] >= 0.6 else "MISSED") if r["past"] >= 4096 else ""
-        print(f"  past {r['past']:6d} B {r['batch']:3d}: {r['gbs']:6.0f}  {r['frac']:.2f}  {verdict}")
+        print(f"  past {r['past']:6d} B {r['batch']:3d}: {r['gbs']:6.0f}  {r['frac']:.2f}  "
+              f"{verdict}")
     print("\nRoPE / KV write (floor 0.9 of copy)")
     for r in pointwise:
         print(f"  {r['op']:24s} {r['gbs']:6.0f}  {r['frac']:.2f}  "

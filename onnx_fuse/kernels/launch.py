@@ -74,3 +74,24 @@ def rows_per_program(width, tile):
 
 def rows_grid(rows, block_r):
     return (cdiv(rows, block_r), 1, 1)
+
+
+def attention_constexprs(head, head_v, *, scale, causal, window, softcap, use_key_mask):
+    """The op's attributes and head sizes as the attention kernels' constexprs."""
+    return dict(SCALE=float(scale), SOFTCAP=float(softcap), CAUSAL=int(causal), WINDOW=int(window),
+                HAS_MASK=bool(use_key_mask), HEAD=head, HEAD_V=head_v,
+                BLOCK_D=next_pow2(head), BLOCK_DV=next_pow2(head_v))
+
+
+def rope_constexprs(head, half, interleaved, in_place, tile):
+    block_h = next_pow2(half)
+    rest = head - 2 * half
+    return dict(HEAD=head, HALF=half, INTERLEAVED=bool(interleaved),
+                COPY_REST=bool(rest) and not in_place, BLOCK_H=block_h,
+                BLOCK_P=next_pow2(max(rest, 1)),
+                BLOCK_R=rows_per_program(2 * block_h, tile))
+
+
+def kv_write_constexprs(head, tile):
+    block_d = next_pow2(head)
+    return dict(HEAD=head, BLOCK_D=block_d, BLOCK_R=rows_per_program(block_d, tile))

@@ -45,27 +45,34 @@ def compile_kernel(fn, signature, constexprs, num_warps, num_stages, arch):
                             options={"num_warps": num_warps, "num_stages": num_stages,
                                      "ptx_version": PTX_VERSION})
     if getattr(kernel.metadata, "global_scratch_size", 0):
-        raise ValueError(f"{kernel.metadata.name} needs global scratch, which TensorRT does not pass")
+        raise ValueError(f"{kernel.metadata.name} needs global scratch, which TensorRT does not "
+                         "pass")
     return Compiled(kernel.metadata.name, kernel.asm["ptx"], kernel.metadata.num_warps,
                     kernel.metadata.shared)
 
 
 def attention_kernel(dtype, mask_dtype, sinks_dtype, head, head_v, attrs, arch, tile=None):
     """attrs: the op's attributes (scale, causal, window, softcap, masked_row, use_key_mask)."""
-    from ..kernels.attention import attn_fwd_kernel
+    from ..kernels.attention_kernels import attn_fwd_kernel
 
     tile = tile or launch.prefill_tile(head, head_v)
     signature = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Mask": f"*{mask_dtype}",
                  "Sinks": f"*{sinks_dtype}", "KvLen": "*i32", "Nq": "i32", "Nkv": "i32",
                  "Sq": "i32", "Skv": "i32", "Out": f"*{dtype}"}
-    constexprs = dict(SCALE=float(attrs["scale"]), SOFTCAP=float(attrs["softcap"]),
-                      CAUSAL=int(attrs["causal"]), WINDOW=int(attrs["window"]),
-                      MASKED_ROW=int(attrs["masked_row"]), HAS_MASK=bool(attrs["use_key_mask"]),
-                      HEAD=head, HEAD_V=head_v, BLOCK_D=launch.next_pow2(head),
-                      BLOCK_DV=launch.next_pow2(head_v), BLOCK_M=tile.block_m,
+    constexprs = launch.attention_constexprs(
+        head, head_v, **{k: attrs[k] for k in ("scale", "causal", "window", "softcap",
+                                               "use_key_mask")})
+    constexprs.update(MASKED_ROW=int(attrs["masked_row"]), BLOCK_M=tile.block_m,
                       BLOCK_N=tile.block_n)
     return compile_kernel(attn_fwd_kernel, signature, constexprs, tile.num_warps,
                           tile.num_stages, arch), tile
+
+
+def attention_tactics(head, head_v):
+    """Tactic number -> tile, TensorRT times each at build time: the default, then one more."""
+    width = max(launch.next_pow2(head), launch.next_pow2(head_v))
+    other = launch.Tile(128, 128, 8, 3) if width <= 128 else launch.Tile(64, 32, 4, 2)
+    return {1: launch.prefill_tile(head, head_v), 2: other}
 
 
 def attention_launch(compiled, tile, batch, nq, sq):
@@ -79,13 +86,12 @@ def attention_extra_args(nq, nkv, sq, skv):
 
 
 def rope_kernel(dtype, head, half, interleaved, arch, in_place=False, tile=None):
-    from ..kernels import rope_constexprs
-    from ..kernels.rope import rope_kernel as fn
+    from ..kernels.rope_kernels import rope_kernel as fn
 
     tile = tile or launch.ROPE_TILE
     signature = {"X": f"*{dtype}", "Cos": f"*{dtype}", "Sin": f"*{dtype}", "Pos": "*i64",
                  "Rows": "i32", "NS": "i32", "S": "i32", "Out": f"*{dtype}"}
-    constexprs = rope_constexprs(head, half, interleaved, in_place, tile)
+    constexprs = launch.rope_constexprs(head, half, interleaved, in_place, tile)
     return compile_kernel(fn, signature, constexprs, tile.num_warps, 1, arch), constexprs
 
 
@@ -99,13 +105,12 @@ def rope_extra_args(batch, n, s):
 
 
 def kv_write_kernel(dtype, index_dtype, head, arch, tile=None):
-    from ..kernels import kv_write_constexprs
-    from ..kernels.kv_write import kv_write_kernel as fn
+    from ..kernels.kv_write_kernels import kv_write_kernel as fn
 
     tile = tile or launch.KV_WRITE_TILE
     signature = {"Cache": f"*{dtype}", "Update": f"*{dtype}", "WriteIdx": f"*{index_dtype}",
                  "Rows": "i32", "N": "i32", "S": "i32", "L": "i32", "Out": f"*{dtype}"}
-    constexprs = kv_write_constexprs(head, tile)
+    constexprs = launch.kv_write_constexprs(head, tile)
     return compile_kernel(fn, signature, constexprs, tile.num_warps, 1, arch), constexprs
 
 
