@@ -26,8 +26,10 @@ from onnx_fuse.specs import HIDDEN_AT_OR_BELOW, AttentionSpec, MaskSpec
 
 
 def _uniform(value: np.ndarray) -> bool:
+    """A float constant with one value (bfloat16 too: ml_dtypes' types are not numpy floats)."""
     flat = np.asarray(value).reshape(-1)
-    return flat.size > 0 and flat.dtype.kind == "f" and bool(np.all(flat == flat[0]))
+    floating = flat.dtype.kind == "f" or flat.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    return flat.size > 0 and floating and bool(np.all(flat == flat[0]))
 
 
 def scaled(x, name: str):

@@ -44,8 +44,10 @@ def signed(x):
 
 
 def rotate_half(x):
-    """Concat(-x2, x1) of the two halves of x, cut by two Slices or by one Split."""
-    half = either(op.Slice(x), op.Split(x, name="split"))
+    """Concat(-x2, x1) of the two halves of x, cut by two Slices or by one Split (of x, or of x
+    behind a Cast to its own type, as ModernBERT's TorchScript export writes it)."""
+    source = maybe("Cast", x, name="x_cast")  # both halves read the one Cast: a DAG
+    half = either(op.Slice(source), op.Split(source, name="split"))
     return op.Concat(signed(half), signed(half), name="rotate")
 
 

@@ -35,7 +35,7 @@ def angles(positions, rotary_dim, base=10000.0):
 
 def rope_model(*, halves="slice", order="x_first", interleaved=None, rotary_dim=16, passed="slice",
                layout="bnsh", tables="computed", positions="input", scaling=1.0, table_rows=48,
-               defect=None, heads=2, head=16, layers=1):
+               defect=None, heads=2, head=16, layers=1, rotate_cast=False):
     """y = x·cos + rotate(x)·sin on the first rotary_dim channels of x, for q and k of `layers`
     layers sharing one cos/sin computation.
 
@@ -111,6 +111,8 @@ def rope_model(*, halves="slice", order="x_first", interleaved=None, rotary_dim=
                     g.const([-1], np.int64), g.const([step], np.int64))
 
     def rotate(x):
+        if rotate_cast:  # ModernBERT's TorchScript export: rotate_half reads x behind a Cast to its own type
+            x = g.op("Cast", x, to=TensorProto.FLOAT)
         if interleaved == "strided":
             even, odd = cut(x, 0, INT_MAX, 2), cut(x, 1, INT_MAX, 2)
         elif interleaved:
@@ -410,6 +412,10 @@ def complex_rope_model(*, parts="halves", around=False, defect=None, heads=2, he
         passed = g.input("passed", TensorProto.FLOAT, ["B", heads, "S", 4])
         return g.model(g.op("Concat", passed, real, imag, axis=-1))
     return g.model(g.op("Concat", real, imag, axis=-1))
+
+
+def test_rotate_half_of_x_behind_a_cast_to_its_own_type():
+    assert_fused_and_equal(rope_model(rotate_cast=True))
 
 
 @pytest.mark.parametrize("parts, around", [("halves", False), ("strided", False), ("strided", True)])
