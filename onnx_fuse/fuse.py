@@ -156,8 +156,17 @@ def _rules():
 
 
 def _has_anchors(model: onnx.ModelProto, rules) -> bool:
+    """Whether some node, in the graph or in an If/Loop/Scan body, is a rule's anchor."""
     anchors = {rule.anchor for rule in rules}
-    return any(node.op_type in anchors for node in model.graph.node)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.op_type in anchors:
+                return True
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+            graphs.extend(g for a in node.attribute for g in a.graphs)
+    return False
 
 
 def _opset_reason(from_opset: int, to_opset: int, exc: Exception) -> str:

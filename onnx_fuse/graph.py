@@ -41,7 +41,12 @@ class Graph:
         self._by_op: dict[str, list[Node]] | None = None
         self._values: dict[int, np.ndarray | None] = {}
         self._fresh = FreshNames(model.graph)
-        self._output_ids = {id(t) for t in self.gs.outputs}
+        # Every node, those of If/Loop/Scan bodies too, and the graph each belongs to.
+        self.owner: dict[int, gs.Graph] = {}
+        self.all_nodes: list[Node] = []
+        self._collect(self.gs)
+        scopes = [self.gs, *{id(g): g for g in self.owner.values()}.values()]
+        self._output_ids = {id(t) for scope in scopes for t in scope.outputs}
         self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
         self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
         self.memo: dict = {}  # verifications rules make once per pass (see rewrite.once)
@@ -52,13 +57,26 @@ class Graph:
 
     # --- structure -------------------------------------------------------------------------
 
+    def _collect(self, graph: gs.Graph) -> None:
+        """Index `graph`'s nodes and, after each control-flow node, its bodies' (recursively)."""
+        for node in graph.nodes:
+            self.owner[id(node)] = graph
+            self.all_nodes.append(node)
+            for body in subgraphs(node):
+                self._collect(body)
+
     def nodes_of(self, op_type: str) -> list[Node]:
-        """Nodes of one op type in graph order (index built once per pass)."""
+        """Nodes of one op type in graph order, those inside If/Loop/Scan bodies included (the
+        index is built once per pass)."""
         if self._by_op is None:
             self._by_op = defaultdict(list)
-            for node in self.gs.nodes:
+            for node in self.all_nodes:
                 self._by_op[node.op].append(node)
         return list(self._by_op.get(op_type, ()))
+
+    def owner_of(self, node: Node) -> gs.Graph:
+        """The graph (the model's, or an If/Loop/Scan body) a node belongs to."""
+        return self.owner.get(id(node), self.gs)
 
     @staticmethod
     def producer(tensor: Tensor) -> Node | None:
@@ -95,7 +113,7 @@ class Graph:
 
     def _refine_shapes(self) -> None:
         """One forward pass in graph order: static dims that shape inference missed."""
-        for node in self.gs.nodes:
+        for node in self.all_nodes:
             if len(node.outputs) != 1 or node.op not in _DERIVED:
                 continue
             inferred = node.outputs[0].shape
@@ -240,6 +258,17 @@ class Graph:
                 return None
             inputs.append(v)
         return np.asarray(folder(node, inputs))
+
+
+def subgraphs(node: Node) -> list[gs.Graph]:
+    """The bodies a control-flow node carries (If's branches, Loop's and Scan's body)."""
+    found = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, list):
+            found.extend(v for v in value if isinstance(v, gs.Graph))
+    return found
 
 
 class FreshNames:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import Graph, Node, Tensor
+from .graph import Graph, Node, Tensor, subgraphs
 from .pattern import Match, Pattern, match
 
 
@@ -85,8 +85,9 @@ class Rewrite:
     rewrite that is not applied (its spec was refused) is discarded: the names it took are given
     back, so a refused candidate leaves no trace in the output."""
 
-    def __init__(self, graph: Graph, rule: str):
+    def __init__(self, graph: Graph, rule: str, scope: gs.Graph | None = None):
         self.graph, self.rule = graph, rule
+        self.scope = scope if scope is not None else graph.gs  # where the new nodes go
         self.nodes: list[PendingNode] = []
         self._takeovers: list[Tensor] = []
         self._shared: dict = {}
@@ -100,7 +101,9 @@ class Rewrite:
 
     def shared(self, key, build: Callable[[], Tensor]) -> Tensor:
         """A tensor computed once per pass and reused by every fusion that asks for `key`
-        (e.g. one mask shared by all layers)."""
+        (e.g. one mask shared by all layers) in the same graph (a tensor of one If branch is not
+        visible in the other)."""
+        key = (id(self.scope), key)
         if key in self.graph.shared:
             return self.graph.shared[key]
         if key not in self._shared:
@@ -140,7 +143,7 @@ class Rewrite:
         for pending in self.nodes:
             node = gs.Node(pending.op, self.graph.fresh_name(f"{self.rule}/{pending.op}"), pending.attrs,
                            pending.inputs, pending.outputs, domain=pending.domain or None)
-            self.graph.gs.nodes.append(node)
+            self.scope.nodes.append(node)
             self.graph.fused_by[node.name] = self.rule
             created.append(node)
         self.graph.shared.update(self._shared)
@@ -186,7 +189,7 @@ def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = Tr
             if id(anchor) in consumed or rule.candidate is not None and not rule.candidate(graph, anchor):
                 continue
             label = node_label(anchor)
-            rewrite = Rewrite(graph, rule.name)
+            rewrite = Rewrite(graph, rule.name, graph.owner_of(anchor))
             try:
                 found, spec = _candidate(graph, rule, anchor, consumed)
                 reason = target.refusal(spec)
@@ -224,9 +227,7 @@ def tidy(g: gs.Graph) -> None:
     the existing order wherever it already is one: a node a rewrite appended lands just before
     its first consumer. Linear in the graph; graphs with subgraphs (If, Loop, Scan) or local
     functions go through graphsurgeon's general cleanup and toposort instead."""
-    if g.functions or any(isinstance(v, gs.Graph) or isinstance(v, list) and v
-                          and isinstance(v[0], gs.Graph)
-                          for node in g.nodes for v in node.attrs.values()):
+    if g.functions or any(subgraphs(node) for node in g.nodes):
         g.cleanup(remove_unused_graph_inputs=False).toposort()
         return
     for tensor in g.inputs:  # a graph input has no producer
