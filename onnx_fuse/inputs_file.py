@@ -27,14 +27,14 @@ def load_inputs(path: str) -> list[dict[str, np.ndarray]]:
     """The feeds in `path` (an .npz holds one). ValueError with one line on anything else."""
     try:
         with open(path, "rb") as f:
-            head = f.read(64).lstrip()
+            head = f.read(8)
     except OSError as exc:
         raise ValueError(f"cannot read inputs from {path}: {exc.strerror or exc}") from None
-    if head[:1] in (b"[", b"{"):
-        return _load_polygraphy_json(path)
-    from .check import load_inputs_npz
+    if head.startswith(b"PK") or head.startswith(b"\x93NUMPY"):  # a zip (.npz) or an .npy
+        from .check import load_inputs_npz
 
-    return [load_inputs_npz(path)]
+        return [load_inputs_npz(path)]
+    return _load_polygraphy_json(path)
 
 
 def _load_polygraphy_json(path: str) -> list[dict[str, np.ndarray]]:

@@ -3,6 +3,7 @@ same inputs (the caller's, or synthesized ones that respect the model), every ou
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from . import progress
@@ -38,6 +39,8 @@ class Prover:
                                      reference_outputs=outputs, tolerances=self.tolerances)
                     for feed, outputs in zip(self.feeds, references)]
         self.last = _combined(outcomes)
+        # What it ran on (the first feed's shapes): says what --check-batch or --inputs gave.
+        self.last["inputs"] = {name: list(np.shape(value)) for name, value in self.feeds[0].items()}
         if not self.last["passed"]:
             raise CheckFailed(f"{what} does not match the input model: {self.last['message']}",
                               self.last)
