@@ -70,8 +70,9 @@ class _Display:
         if not self.enabled or (not changed and now - self.last_draw < _INTERVAL):
             return
         step = PHASES.index(name) + 1 if name in PHASES else 0
-        line = f"onnx-fuse: [{step}/{len(PHASES)}] {name}" + (f": {detail}" if detail else "")
-        self._write("\r" + line[:_width(self.fd)].ljust(len(self.drawn)))
+        width = _width(self.fd)
+        line = (f"onnx-fuse: [{step}/{len(PHASES)}] {name}" + (f": {detail}" if detail else ""))[:width]
+        self._write("\r" + line.ljust(min(len(self.drawn), width)))  # blanks over a longer line
         self.drawn, self.last_draw = line, now
 
     def clear(self) -> None:
@@ -94,7 +95,9 @@ def _isatty(fd: int) -> bool:
 
 
 def _width(fd: int) -> int:
+    """Characters the line may take (one less than the terminal's columns, so it never wraps)."""
     try:
-        return max(20, os.get_terminal_size(fd).columns - 1)
+        columns = os.get_terminal_size(fd).columns
     except OSError:
-        return 79
+        columns = 0
+    return max(20, columns - 1) if columns else 79  # 0: a terminal that does not say
