@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 
+from . import progress
 from .errors import BadInput
 from .fuse import fuse_source
 from .graph import Options
@@ -47,6 +48,7 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | list | 
     gc.disable()
     try:
         source, give_back = accept(model)
+        progress.model_size(len(source.model.graph.node))
         if kv_cache is not None:
             if tolerances is not None or check_batch is not None:
                 raise BadInput("--kv-cache static checks over decode steps of its own: no "

@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--target", default="onnx")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--max-positions", type=int, metavar="N")
+    inspect.add_argument("-q", "--quiet", action="store_true", help="no progress line on the terminal")
     inspect.set_defaults(run=_inspect)
 
     check = commands.add_parser("check", help="compare two models in onnxruntime")
@@ -152,7 +153,6 @@ def _fuse(args) -> int:
         raise BadInput("refusing to overwrite the input model; give -o another path")
     progress.phase("load")
     source = load_model(args.input)
-    progress.model_size(len(source.model.graph.node))
     # Everything that could stop the output from being written is checked before the work.
     data_files = [os.path.join(source.base_dir, loc) for loc in external_files(source.model)]
     check_output_path(args.output, args.input, data_files)

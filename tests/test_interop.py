@@ -177,5 +177,9 @@ def test_dynamo_export_fuses_in_memory():
     assert result.report["check"]["passed"]
     (fused,) = result.report["fused"]
     assert fused["mask_class"] == "padding"
+    given = program.model.graph.initializers  # torch-backed tensors: the same objects come back
+    weights = {name: v.const_value for name, v in given.items() if v.const_value.size > 1024}
+    assert weights and all(result.model.model.graph.initializers[name].const_value is tensor
+                           for name, tensor in weights.items())
     np.testing.assert_allclose(result.model(x, mask)[0].numpy(), program(x, mask)[0].numpy(),
                                atol=1e-5)

@@ -105,3 +105,11 @@ def test_display_only_on_a_terminal(tmp_path, quiet):
         os.close(write)
     assert os.read(read, 100) == b""
     os.close(read)
+
+
+def test_inspect_shows_progress_too():
+    code, stdout, terminal = run_on_terminal("inspect", LARGE)
+    assert code == 0 and stdout.startswith("fused: attention 2")
+    assert re.findall(r"\[\d/5\] (\w+)", terminal)[:2] == ["load", "match"]
+    code, _, terminal = run_on_terminal("inspect", LARGE, "-q")
+    assert code == 0 and terminal == ""
