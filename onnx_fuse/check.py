@@ -470,16 +470,19 @@ def check_equivalent(
         if problem:
             problems.append(f"output '{name}' differs: {problem}")
 
+    return CheckResult(passed=not problems, outputs=diffs, message=_verdict(diffs, problems))
+
+
+def _verdict(diffs: dict[str, OutputDiff], problems: list[str]) -> str:
+    """The check's one line for humans."""
     padding_only = [name for name, d in diffs.items() if d.only_padding_differs]
     if not problems and padding_only:
-        message = (f"{'all outputs agree' if len(diffs) > 1 else 'the output agrees'} at every "
-                   f"token that is not padding; {', '.join(padding_only)} differ only at padded "
-                   "positions (undefined there)")
-    elif not problems:
-        message = f"all {len(diffs)} outputs agree" if len(diffs) != 1 else "the 1 output agrees"
-    else:
-        message = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-    return CheckResult(passed=not problems, outputs=diffs, message=message)
+        return (f"{'all outputs agree' if len(diffs) > 1 else 'the output agrees'} at every "
+                f"token that is not padding; {', '.join(padding_only)} differ only at padded "
+                "positions (undefined there)")
+    if not problems:
+        return f"all {len(diffs)} outputs agree" if len(diffs) != 1 else "the 1 output agrees"
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def compare_output(actual: np.ndarray, expected: np.ndarray,

@@ -156,19 +156,14 @@ def _fuse(args) -> int:
     # Everything that could stop the output from being written is checked before the work.
     data_files = [os.path.join(source.base_dir, loc) for loc in external_files(source.model)]
     check_output_path(args.output, args.input, data_files)
-    for report in (args.report, args.report_html):
-        if report:
-            if os.path.abspath(report) in (os.path.abspath(args.output), os.path.abspath(args.input)):
-                raise BadInput(f"{report}: the report may not overwrite a model")
-            check_output_path(report, args.input, data_files)
-    if args.report and args.report_html and os.path.abspath(args.report) == os.path.abspath(args.report_html):
-        raise BadInput("--report and --report-html name the same file")
+    _check_report_paths(args, data_files)
     inputs = _load_inputs(args.inputs)
     if (args.kv_cache is None) != (args.max_cache_len is None):
         raise BadInput("--kv-cache static and --max-cache-len N go together")
     if args.max_cache_len is not None and args.max_cache_len <= 0:
         raise BadInput(f"--max-cache-len must be positive, got {args.max_cache_len}")
-    extra = {} if args.kv_cache is None else {"kv_cache": args.kv_cache, "max_cache_len": args.max_cache_len}
+    extra = {} if args.kv_cache is None else {"kv_cache": args.kv_cache,
+                                              "max_cache_len": args.max_cache_len}
     result = fuse(source, target=args.target, check=args.check, inputs=inputs,
                   max_positions=_positive(args.max_positions), **_check_options(args), **extra)
     progress.phase("save")
@@ -185,6 +180,20 @@ def _fuse(args) -> int:
     print(_summary(result.report))
     print(f"wrote {args.output}")
     return EXIT_OK
+
+
+def _check_report_paths(args, data_files: list[str]) -> None:
+    """BadInput unless every report asked for can be written, over neither a model nor another
+    report."""
+    from .model_io import check_output_path
+
+    reports = [path for path in (args.report, args.report_html) if path]
+    for report in reports:
+        if os.path.abspath(report) in (os.path.abspath(args.output), os.path.abspath(args.input)):
+            raise BadInput(f"{report}: the report may not overwrite a model")
+        check_output_path(report, args.input, data_files)
+    if len({os.path.abspath(path) for path in reports}) < len(reports):
+        raise BadInput("--report and --report-html name the same file")
 
 
 def _inspect(args) -> int:

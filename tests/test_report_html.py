@@ -179,3 +179,11 @@ def test_report_html_location_is_checked_first(tmp_path, capfd):
                      "--report-html", str(tmp_path / "missing" / "r.html")])
     _, err = capfd.readouterr()
     assert code == 2 and "does not exist" in err and os.listdir(tmp_path) == []
+
+
+def test_report_and_report_html_may_not_be_one_file(tmp_path, capfd):
+    same = str(tmp_path / "r")
+    code = cli.main(["fuse", LLAMA, "-o", str(tmp_path / "o.onnx"), "--report", same,
+                     "--report-html", same])
+    _, err = capfd.readouterr()
+    assert code == 2 and "name the same file" in err and os.listdir(tmp_path) == []
