@@ -68,7 +68,10 @@ def _decode_array(value) -> np.ndarray:
     try:
         raw = base64.b64decode(value["array"].encode(), validate=True)
     except (binascii.Error, ValueError):
-        raw = value["array"].encode("latin-1")  # Polygraphy's oldest encoding
+        try:
+            raw = value["array"].encode("latin-1")  # Polygraphy's oldest encoding
+        except UnicodeEncodeError:
+            raise ValueError("an array is neither base64 nor latin-1 text") from None
     try:
         loaded = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:

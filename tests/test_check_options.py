@@ -227,6 +227,7 @@ def test_older_polygraphy_encodings_and_npz(tmp_path):
     ('[{"x": [1, 2]}]', "not a Polygraphy-encoded array"),
     ('[{"x": {"array": "AAAA", "polygraphy_class": "ndarray"}}]', "does not decode"),
     ("[{", "not valid JSON"),
+    ('[{"x": {"array": "\u20ac!", "polygraphy_class": "ndarray"}}]', "neither base64 nor latin-1"),
 ])
 def test_bad_polygraphy_files(tmp_path, capfd, content, expect):
     path = tmp_path / "in.json"

@@ -104,6 +104,9 @@ def test_changed_bytes_are_not_passed_off_as_the_given_tensor():
     assert not _same_tensor(a, ir.Tensor(changed), ir)
     assert not _same_tensor(a, ir.Tensor(np.arange(2048, dtype=np.int32)), ir)
     assert not _same_tensor(a, ir.Tensor(np.arange(2048, dtype=np.float32).reshape(2, 1024)), ir)
+    words = ir.StringTensor(np.array([b"a", b"b"], dtype=object))
+    assert _same_tensor(words, ir.StringTensor(np.array([b"a", b"b"], dtype=object)), ir)
+    assert not _same_tensor(words, ir.StringTensor(np.array([b"a", b"c"], dtype=object)), ir)
 
 
 def test_unchanged_ir_model_comes_back_as_itself():
