@@ -14,6 +14,7 @@ dimensions that the model does not declare are found by trying candidates on the
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import math
 from collections import defaultdict
@@ -32,6 +33,8 @@ from .dims import dim_symbols, eval_dim
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from .tolerances import Tolerances
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -71,6 +74,10 @@ class OutputDiff:
     # Agrees everywhere except at padded token positions (attention_mask 0), whose outputs
     # are undefined: a softmax over a fully masked row is computed differently by every kernel.
     only_padding_differs: bool = False
+    # Error statistics as Polygraphy reports them: {"abs"|"rel": {"max", "mean", "median",
+    # "p99"}} over the entries finite in both, and the tolerance applied ({"atol", "rtol"}).
+    stats: dict | None = None
+    tolerance: dict | None = None
 
 
 @dataclass
@@ -90,6 +97,8 @@ class CheckResult:
                     "max_rel": _json_float(diff.max_rel),
                     "passed": diff.passed,
                     "only_padding_differs": diff.only_padding_differs,
+                    **({"stats": diff.stats} if diff.stats is not None else {}),
+                    **({"tolerance": diff.tolerance} if diff.tolerance is not None else {}),
                 }
                 for name, diff in self.outputs.items()
             },
@@ -410,16 +419,19 @@ def check_equivalent(
     *,
     seed: int = 0,
     reference_outputs: dict[str, np.ndarray] | None = None,
+    tolerances: Tolerances | None = None,
+    batch: int = 2,
 ) -> CheckResult:
     """Run both models on the same inputs and compare every reference output.
 
-    `inputs` default to synthesized ones. `reference_outputs` must have been computed from
-    `inputs` (so passing it requires passing `inputs`). A candidate that fails to load or
+    `inputs` default to synthesized ones (`batch` rows). `reference_outputs` must have been
+    computed from `inputs` (so passing it requires passing `inputs`). `tolerances` overrides the
+    dtype's tolerance globally or per output (tolerances.py). A candidate that fails to load or
     run is a failed check, not an exception; a reference that fails raises CheckError.
     """
     if reference_outputs is None:
         if inputs is None:
-            inputs, reference_outputs = _synthesize(reference, 2, seed)
+            inputs, reference_outputs = _synthesize(reference, batch, seed)
         if reference_outputs is None:
             try:
                 reference_outputs = run_model(reference, inputs)
@@ -445,31 +457,38 @@ def check_equivalent(
             diffs[name] = _incomparable()
             problems.append(f"output '{name}' is missing from the candidate")
             continue
-        diffs[name], problem = compare_output(candidate_outputs[name], expected)
+        tolerance = tolerances.resolve(name, _TOLERANCES.get(expected.dtype)) if tolerances else None
+        diffs[name], problem = compare_output(candidate_outputs[name], expected, tolerance)
         padded = _padded_positions(padding, _query_length(reference.model, inputs),
                                    expected.shape) if problem else None
         if padded is not None:
-            valid, _ = compare_output(np.where(padded, 0, candidate_outputs[name]), np.where(padded, 0, expected))
+            valid, _ = compare_output(np.where(padded, 0, candidate_outputs[name]),
+                                      np.where(padded, 0, expected), tolerance)
             if valid.passed:
-                diffs[name] = OutputDiff(diffs[name].max_abs, diffs[name].max_rel, True, True)
+                diffs[name] = dataclasses.replace(diffs[name], passed=True, only_padding_differs=True)
                 continue
         if problem:
             problems.append(f"output '{name}' differs: {problem}")
 
+    return CheckResult(passed=not problems, outputs=diffs, message=_verdict(diffs, problems))
+
+
+def _verdict(diffs: dict[str, OutputDiff], problems: list[str]) -> str:
+    """The check's one line for humans."""
     padding_only = [name for name, d in diffs.items() if d.only_padding_differs]
     if not problems and padding_only:
-        message = (f"{'all outputs agree' if len(diffs) > 1 else 'the output agrees'} at every "
-                   f"token that is not padding; {', '.join(padding_only)} differ only at padded "
-                   "positions (undefined there)")
-    elif not problems:
-        message = f"all {len(diffs)} outputs agree" if len(diffs) != 1 else "the 1 output agrees"
-    else:
-        message = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-    return CheckResult(passed=not problems, outputs=diffs, message=message)
+        return (f"{'all outputs agree' if len(diffs) > 1 else 'the output agrees'} at every "
+                f"token that is not padding; {', '.join(padding_only)} differ only at padded "
+                "positions (undefined there)")
+    if not problems:
+        return f"all {len(diffs)} outputs agree" if len(diffs) != 1 else "the 1 output agrees"
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
-def compare_output(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff, str | None]:
-    """Diff of one output and, if it fails, why (for the message)."""
+def compare_output(actual: np.ndarray, expected: np.ndarray,
+                   tolerance: tuple[float, float] | None = None) -> tuple[OutputDiff, str | None]:
+    """Diff of one output and, if it fails, why (for the message). `tolerance` (atol, rtol)
+    replaces the dtype's for floating outputs."""
     if actual.shape != expected.shape:
         return _incomparable(), f"shape {actual.shape} vs reference {expected.shape}"
     if actual.dtype != expected.dtype:
@@ -484,8 +503,10 @@ def compare_output(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff
     max_rel = float(rel_diff.max(initial=0.0))
 
     problem = None
+    applied = None
     if _is_float(expected.dtype):
-        atol, rtol = _TOLERANCES[expected.dtype]
+        atol, rtol = tolerance or _TOLERANCES[expected.dtype]
+        applied = {"atol": atol, "rtol": rtol}
         # NaN equals NaN at the same place; infinities must match exactly.
         if not np.all(((np.isnan(a) & np.isnan(b)) | (a == b))[~finite]):
             problem = "NaN/inf positions or signs differ"
@@ -493,7 +514,17 @@ def compare_output(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff
             problem = f"max_abs {max_abs:.3g} (tolerance atol {atol:g}, rtol {rtol:g})"
     elif not np.array_equal(actual, expected):
         problem = f"max_abs {max_abs:.3g} (exact match required)"
-    return OutputDiff(max_abs, max_rel, problem is None), problem
+    stats = {"abs": _error_stats(abs_diff), "rel": _error_stats(rel_diff)}
+    return OutputDiff(max_abs, max_rel, problem is None, stats=stats, tolerance=applied), problem
+
+
+def _error_stats(errors: np.ndarray) -> dict[str, float]:
+    """max, mean, median and 99th percentile of elementwise errors (0 for an empty output)."""
+    if errors.size == 0:
+        return {"max": 0.0, "mean": 0.0, "median": 0.0, "p99": 0.0}
+    median, p99 = np.percentile(errors, [50, 99])
+    return {"max": float(errors.max()), "mean": float(errors.mean()),
+            "median": float(median), "p99": float(p99)}
 
 
 def _padding_mask(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from . import progress
 from .errors import CheckFailed
 from .export import export
 from .graph import Graph, Options
@@ -113,11 +114,13 @@ class _Pass:
 
     def _graph(self, model: onnx.ModelProto) -> Graph:
         """The graph to match on: `model` (weights possibly set aside) with inferred shapes."""
+        progress.phase("load", "shapes and graph")
         return Graph(self.weights.restore(_with_shapes(model)), self.source.base_dir, self.options)
 
     def _convert(self, version: int) -> onnx.ModelProto:
         """The model raised to opset `version`, its large weights possibly still set aside."""
         model, weights = self.source.model, self.weights
+        progress.phase("load", f"opset {self.from_opset} -> {version}")
         if weights.lean is model:
             return raise_opset(model, version)
         try:
@@ -183,5 +186,5 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _blocked(result: PassResult, reason: str) -> PassResult:
     blocked = PassResult(unfused=list(result.unfused))
-    blocked.unfused += [Unfused(f.anchor, f.rule, reason) for f in result.fused]
+    blocked.unfused += [Unfused(f.anchor, f.rule, reason, f.position) for f in result.fused]
     return blocked

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import progress
 from .graph import Graph, Node, Tensor, subgraphs
 from .pattern import Match, Pattern, match
 
@@ -45,6 +46,7 @@ class Fused:
     anchor: str
     spec: Any
     nodes: list[str] = field(default_factory=list)  # names of the nodes the rewrite added
+    position: int | None = None  # the anchor's index in the graph's node order when matched
 
 
 @dataclass
@@ -52,9 +54,11 @@ class Unfused:
     anchor: str
     pattern: str
     reason: str
+    position: int | None = None  # the anchor's index in the graph's node order
 
     def to_json(self) -> dict:
-        return {"anchor": self.anchor, "pattern": self.pattern, "reason": self.reason}
+        entry = {"anchor": self.anchor, "pattern": self.pattern, "reason": self.reason}
+        return entry if self.position is None else {**entry, "position": self.position}
 
 
 @dataclass
@@ -184,11 +188,15 @@ def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = Tr
     """Match every rule at every anchor; emit, verify and apply the ones the target expresses."""
     result = PassResult()
     consumed: set[int] = set()
+    # Where each anchor sits in the graph (the report groups fusions by layer with it).
+    position = {id(node): index for index, node in enumerate(graph.all_nodes)}
     for rule in rules:
-        for anchor in graph.nodes_of(rule.anchor):
+        anchors = graph.nodes_of(rule.anchor)
+        for count, anchor in enumerate(anchors, 1):
             if id(anchor) in consumed or rule.candidate is not None and not rule.candidate(graph, anchor):
                 continue
-            label = node_label(anchor)
+            progress.phase("match", f"{rule.name} candidate {count} of {len(anchors)}")
+            label, where = node_label(anchor), position.get(id(anchor))
             rewrite = Rewrite(graph, rule.name, graph.owner_of(anchor))
             try:
                 found, spec = _candidate(graph, rule, anchor, consumed)
@@ -196,17 +204,18 @@ def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = Tr
                 if reason is not None:
                     raise Reject(reason)
                 if rule.verify is not None:
+                    progress.phase("verify", f"{rule.name} candidate {count} of {len(anchors)}")
                     rule.verify(graph, found, spec, target)
                 target.emit(spec, rewrite)
             except Reject as reject:
                 rewrite.discard()
-                result.unfused.append(Unfused(label, rule.name, str(reject)))
+                result.unfused.append(Unfused(label, rule.name, str(reject), where))
                 continue
             created = rewrite.apply() if apply else []
             if not apply:
                 rewrite.discard()
             consumed.update(id(n) for n in found.nodes)
-            result.fused.append(Fused(rule.name, label, spec, [n.name for n in created]))
+            result.fused.append(Fused(rule.name, label, spec, [n.name for n in created], where))
     if apply and result.fused:
         tidy(graph.gs)
     return result

@@ -434,7 +434,8 @@ def test_inspect_json_report_has_the_contract_fields(capfd, tmp_path):
     report = __import__("json").loads(out)
     assert code == 0 and report["counts"] == {}
     (miss,) = report["unfused"]
-    assert set(miss) == {"anchor", "pattern", "reason"}
+    assert set(miss) == {"anchor", "pattern", "reason", "position"}
+    assert isinstance(miss["position"], int)  # the anchor's place in the graph (report_html's layers)
     assert miss["pattern"] == "attention" and "graph output" in miss["reason"]
 
 
