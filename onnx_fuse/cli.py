@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="static: turn caches that grow by Concat into fixed caches of "
                            "--max-cache-len slots written by TensorScatter (checked over decode steps)")
     fuse.add_argument("--max-cache-len", type=int, metavar="N", help="cache slots for --kv-cache static")
+    _target_options(fuse)
     fuse.set_defaults(run=_fuse)
 
     inspect = commands.add_parser("inspect", help="say what would fuse and why the rest does not")
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--target", default="onnx")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--max-positions", type=int, metavar="N")
+    _target_options(inspect)
     inspect.set_defaults(run=_inspect)
 
     check = commands.add_parser("check", help="compare two models in onnxruntime")
@@ -124,7 +126,39 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("candidate")
     check.add_argument("--inputs", help="inputs (.npz) instead of synthesized ones")
     check.set_defaults(run=_check)
+
+    lint = commands.add_parser("lint", help="say whether TensorRT's parser takes each transformer "
+                                            "layer and gives it a fused kernel (exit 1: findings)")
+    lint.add_argument("input")
+    lint.add_argument("--trt", required=True, choices=_trt_versions(), help="TensorRT version")
+    lint.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    lint.set_defaults(run=_lint)
     return parser
+
+
+def _target_options(command) -> None:
+    command.add_argument("--cp-ranks", type=int, metavar="N",
+                         help="trt11: nb_rank=N on every TRT_Attention (TensorRT's multi-device "
+                              "attention over N GPUs, a preview feature; FP16/BF16)")
+    command.add_argument("--decomposable", action="store_true",
+                         help="trt11: TRT_decomposable=1 (a decomposed fallback where no fused "
+                              "kernel fits, instead of a failed build)")
+
+
+def _options_for_target(args) -> dict:
+    """The target options given on the command line (the target says which it takes)."""
+    options = {}
+    if args.cp_ranks is not None:
+        options["cp_ranks"] = args.cp_ranks
+    if args.decomposable:
+        options["decomposable"] = True
+    return options
+
+
+def _trt_versions() -> tuple[str, ...]:
+    from .trt_facts import VERSIONS
+
+    return VERSIONS
 
 
 def _fuse(args) -> int:
@@ -148,7 +182,8 @@ def _fuse(args) -> int:
         raise BadInput(f"--max-cache-len must be positive, got {args.max_cache_len}")
     extra = {} if args.kv_cache is None else {"kv_cache": args.kv_cache, "max_cache_len": args.max_cache_len}
     result = fuse(source, target=args.target, check=args.check, inputs=inputs,
-                  max_positions=_positive(args.max_positions), **extra)
+                  max_positions=_positive(args.max_positions), target_options=_options_for_target(args),
+                  **extra)
     result.save(args.output)
     if args.report:
         try:
@@ -165,7 +200,8 @@ def _inspect(args) -> int:
     from .api import fuse
 
     report = fuse(args.input, target=args.target, check=False, apply=False,
-                  max_positions=_positive(args.max_positions)).report
+                  max_positions=_positive(args.max_positions),
+                  target_options=_options_for_target(args)).report
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -191,6 +227,15 @@ def _check(args) -> int:
         print(f"  {name}: max_abs {diff.max_abs:.3g}, max_rel {diff.max_rel:.3g} {verdict}")
     print(("passed: " if outcome.passed else "failed: ") + outcome.message)
     return EXIT_OK if outcome.passed else EXIT_CHECK_FAILED
+
+
+def _lint(args) -> int:
+    from . import lint
+    from .model_io import load_model
+
+    report = lint.lint(load_model(args.input).model, args.trt)
+    print(json.dumps(report, indent=2) if args.json else lint.render(report))
+    return lint.exit_code(report)
 
 
 def _version() -> str:

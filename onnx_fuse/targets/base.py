@@ -52,6 +52,11 @@ class Target:
     # spec type -> emitter(spec, rewrite); a spec of another type is left as primitive ops.
     emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}
 
+    def static_form(self):
+        """How `--kv-cache static` writes and reads this target's fixed caches
+        (kv_static.StandardForm's interface), or None for the standard ops' form."""
+        return None
+
     def configured(self, options: dict) -> "Target":
         """This target with the user's options for it (e.g. {"cp_ranks": 2}); BadInput for an
         option it does not take. A target without options is its own configuration."""

@@ -130,6 +130,7 @@ class Trt11Target(Target):
     floor_opset = 23  # the Attention in TRT_Attention's body; RotaryEmbedding
     domains = {DOMAIN: DOMAIN_VERSION}
     proof = Proof("functions")
+    static_cache = True  # its own form: trt11_static.py
 
     def __init__(self, settings: Settings = Settings()):
         self.settings = settings
@@ -162,6 +163,11 @@ class Trt11Target(Target):
             return (f"--cp-ranks {self.settings.cp_ranks}: TensorRT's multi-device attention "
                     f"takes FP16 or BF16 only; this attention computes in {name}")
         return None
+
+    def static_form(self):
+        from .trt11_static import Trt11StaticForm  # kv_static and the checker, only when asked
+
+        return Trt11StaticForm()
 
     def contract(self, model: onnx.ModelProto) -> list[dict]:
         return trt_contract.check_model(model, version="11")
