@@ -192,6 +192,8 @@ def _fuse(args) -> int:
             os.unlink(args.output)  # all or nothing
             raise
     print(_summary(result.report))
+    for note in result.report.get("target_notes", []):
+        print(f"note: {note}")
     print(f"wrote {args.output}")
     return EXIT_OK
 

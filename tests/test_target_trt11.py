@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 import onnx_fuse
 from graphs import GraphBuilder, float16_upcast_attention_model, random_inputs, repeat_heads
-from onnx_fuse import kv_static
+from onnx_fuse import cli, kv_static
 from onnx_fuse.check import ModelRef
 from onnx_fuse.errors import BadInput, CheckFailed
 from onnx_fuse.specs import AttentionSpec
@@ -329,6 +329,21 @@ def test_bad_target_options_are_bad_input(target, options, message):
         onnx_fuse.fuse(float16_model(), target=target, target_options=options)
 
 
+def test_the_command_takes_the_options_and_prints_the_flag(tmp_path, capfd):
+    source, output = tmp_path / "fp16.onnx", tmp_path / "out.onnx"
+    onnx.save(float16_model(), source)
+    argv = ["fuse", str(source), "-o", str(output), "--cp-ranks", "2", "--decomposable"]
+    assert cli.main(argv + ["--target", "trt11"]) == 0
+    assert MULTIDEVICE_PREVIEW_FLAG in capfd.readouterr().out
+    (node,) = trt_nodes(onnx.load(output))
+    assert attrs_of(node)["nb_rank"] == 2 and attrs_of(node)["TRT_decomposable"] == 1
+    os.unlink(output)
+    assert cli.main(argv) == 2  # target onnx has no such options
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "takes no option cp_ranks, decomposable" in err
+    assert not output.exists()
+
+
 # --------------------------------------------------------------------------- committed models
 
 
@@ -351,6 +366,8 @@ def test_every_committed_model_fuses_for_trt11_and_checks_through_the_bodies(nam
     counts = result.report["counts"]
     assert result.report["check"]["passed"], result.report["check"]["message"]
     assert counts.get("attention") == truth["attention_cores"], result.report["unfused"]
+    assert counts.get("rope", 0) == truth["rope_applications"]
+    assert counts.get("kv_cache", 0) == truth["kv_cache_writes"] * (truth["kind"] == "decode_static")
     assert counts.get("kv_cache", 0) == len(trt_nodes(result.model, "TRT_KVCacheUpdate"))
     nodes = {n.name: n for n in trt_nodes(result.model)}
     for fusion, spec in result.specs(AttentionSpec):
