@@ -20,6 +20,7 @@ LAYERS = {
     "TensorScatter": ("10.15", "IKVCacheUpdateLayer"),
     TRT_ATTENTION.op_type: (TRT_ATTENTION.since, "IAttention (v2)"),
     TRT_KV_CACHE_UPDATE.op_type: (TRT_KV_CACHE_UPDATE.since, "IKVCacheUpdateLayer"),
+    "TRT_QuantizedAttention": ("11", "IAttention (quantized)"),
 }
 NB_RANKS_SINCE = "10.16"  # IAttention::setNbRanks; an Attention node's nbRanks field
 _MULTIDEVICE_TYPES = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -31,8 +32,9 @@ def version_findings(node: onnx.NodeProto, version: str, facts: Facts) -> list[F
     since, _ = LAYERS[node.op_type]
     if at_least(version, since):
         return []
-    fallback = (" (it would inline the node's model-local function, a reference body in standard "
-                "ops for onnxruntime, not what TensorRT builds well)" if node.op_type in facts.function_names else "")
+    fallback = (f"; it would inline the model-local function {node.op_type} instead (onnx-fuse's "
+                "bodies are references for onnxruntime, not meant for TensorRT)"
+                if node.op_type in facts.function_names else "")
     return [Finding("version", f"TensorRT {version} has no importer for {node.op_type} "
                                f"(since {since}){fallback}", PARSE)]
 
@@ -84,6 +86,24 @@ def trt_attention(node: onnx.NodeProto, facts: Facts, version: str) -> list[Find
     if query_form == kv_form == "padded_bhnd":
         found += _gqa(facts, q, k)
     return found + _kernel(facts, q, attrs)
+
+
+def quantized_attention(node: onnx.NodeProto, facts: Facts, version: str) -> list[Finding]:
+    """TRT_QuantizedAttention (TRT_custom_ops.md): Attention-23's inputs and attributes, and a
+    scalar normalization_quantize_scale at input 4 (fp32, fp16 or bf16)."""
+    inputs = list(node.input) + [""] * (5 - len(node.input))
+    q, k, v, mask, quantize_scale = inputs[:5]
+    attrs = attributes(node)
+    found = _qkv_ranks(facts, q, k, v, three_d_ok="q_num_heads" in attrs and "kv_num_heads" in attrs)
+    found += _mask_findings(facts, q, mask) + _trt_attributes(attrs) + _gqa(facts, q, k)
+    if attrs.get("is_causal", (0,))[0] and mask:
+        found.append(Finding("mask", "is_causal and a mask cannot both be set", PARSE))
+    scale_type = facts.elem(quantize_scale) if quantize_scale else None
+    if not quantize_scale or facts.rank(quantize_scale) not in (None, 0) or scale_type not in (
+            None, TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+        found.append(Finding("inputs", "normalization_quantize_scale (input 4) must be a scalar of "
+                                       "fp32, fp16 or bf16", PARSE))
+    return found
 
 
 def _schema_b(node: onnx.NodeProto, attrs: dict) -> list[Finding]:
@@ -323,4 +343,5 @@ RULES = {
     "TensorScatter": tensor_scatter,
     TRT_ATTENTION.op_type: trt_attention,
     TRT_KV_CACHE_UPDATE.op_type: trt_kv_cache_update,
+    "TRT_QuantizedAttention": quantized_attention,
 }

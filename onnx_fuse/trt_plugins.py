@@ -17,7 +17,7 @@ from .trt_facts import PARSE, Facts, Finding, attributes, text
 from .trt_layers import LAYERS
 
 # Custom op types TensorRT 11 imports itself (TRT_custom_ops.md): not plugins.
-TRT_BUILTIN_CUSTOM_OPS = {*[op for op in LAYERS if op.startswith("TRT_")], "TRT_MoE", "TRT_QuantizedAttention"}
+TRT_BUILTIN_CUSTOM_OPS = {*[op for op in LAYERS if op.startswith("TRT_")], "TRT_MoE"}
 _LIST_TYPES = {"INTS", "FLOATS", "STRINGS", "TENSOR", "TENSORS", "GRAPH", "GRAPHS"}
 
 

@@ -100,6 +100,12 @@ def local_function(name, domain):
                                 [helper.make_opsetid("", 24)])
 
 
+def quantized(scale_shape, version="11"):
+    """TRT_QuantizedAttention with a normalization quantize scale of `scale_shape` (a scalar: [])."""
+    inputs = qkv(m=(BOOL, [2, 1, 3, 5]), s=(F16, scale_shape))
+    return node_model("TRT_QuantizedAttention", inputs, domain="trt"), version
+
+
 def primitive(**kwargs):
     return attention_model(**kwargs), "11"
 
@@ -130,6 +136,8 @@ VIOLATIONS = {
     "trt_attention int64 lengths": (trt_attention(extra={"m": (BOOL, [2, 1, 3, 5]), "ql": (I32, [3]),
                                                          "kl": (I64, [2])}), "indices", "INT32"),
     "trt_attention nb_rank type": (trt_attention(nb_rank=0), "attribute", "nb_rank"),
+    "quantized attention scale": (quantized([2]), "inputs", "normalization_quantize_scale"),
+    "quantized attention on 10.16": (quantized([], "10.16"), "version", "since 11"),
     "rope 3-D": (rope(x=(F16, [2, 3, 32])), "rank", "4-D"),
     "rope int32 positions": (rope(positions=(I32, [2, 3])), "indices", "INT64"),
     "rope odd rotary dim": (rope(rotary_embedding_dim=5), "attribute", "odd"),
@@ -186,6 +194,7 @@ CLEAN = {
     "trt_attention with lengths": trt_attention(extra={"kl": (I32, [2])}, node_inputs=["q", "k", "v", "", "", "kl"],
                                                 causal_kind="lower_right"),
     "trt_attention nb_rank": trt_attention(nb_rank=2),
+    "quantized attention": quantized([]),
     "rope": rope(),
     "scatter": scatter(),
     "kv update": scatter("TRT_KVCacheUpdate", indices=(I32, [2]), domain="trt"),
