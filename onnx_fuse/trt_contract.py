@@ -8,7 +8,7 @@ not parse, would not build, or would get no fused kernel:
 - ONNX Attention, RotaryEmbedding, TensorScatter and TensorRT 11's TRT_Attention and
   TRT_KVCacheUpdate (trt_layers.py);
 - custom ops, which the parser imports as plugins or as the built-in op their name collides
-  with (trt_plugins.py);
+  with (trt_custom_ops.py);
 - primitive MatMul → Softmax → MatMul attention, which TensorRT fuses itself (trt_mha.py).
 
 `verdicts` is what `onnx-fuse lint` prints; `check_model` and `causal_form_problems` are the
@@ -22,7 +22,7 @@ import onnx
 from .trt_facts import VERSIONS, Facts, Verdict
 from .trt_layers import LAYERS, RULES, attention_notes, version_findings
 from .trt_mha import CAUSAL_FORM_RULES, LAYER, primitive_attentions, primitive_findings
-from .trt_plugins import is_plugin_node, plugin, plugin_layer
+from .trt_custom_ops import is_plugin_node, plugin, plugin_layer
 
 DEFAULT_VERSION = "10.15"  # the oldest version that maps every standard op the onnx target writes
 
