@@ -34,6 +34,9 @@ class Rule:
     # (graph, match, spec, target) -> None: proves that what the target emits for the spec
     # computes what the matched subgraph did (onnx_fuse.verify); raises Reject if it does not.
     verify: Callable[[Graph, Match, Any, "Emitter"], None] | None = None
+    # (graph, anchor) -> whether the anchor is a candidate at all (a Softmax over expert logits is
+    # not attention): anchors it turns down are not reported.
+    candidate: Callable[[Graph, Node], bool] | None = None
 
 
 @dataclass
@@ -180,7 +183,7 @@ def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = Tr
     consumed: set[int] = set()
     for rule in rules:
         for anchor in graph.nodes_of(rule.anchor):
-            if id(anchor) in consumed:
+            if id(anchor) in consumed or rule.candidate is not None and not rule.candidate(graph, anchor):
                 continue
             label = node_label(anchor)
             rewrite = Rewrite(graph, rule.name)

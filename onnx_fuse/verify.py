@@ -155,8 +155,15 @@ def emitted(graph: Graph, spec, target, inputs: list[Tensor], outputs: list[Tens
     alone = Graph(onnx.helper.make_model(onnx.helper.make_graph([], "emitted", values, results),
                                          opset_imports=opsets))
     by_name = alone.gs.tensors()
-    rebound = {f.name: by_name[value.name] for f in fields(spec)
-               if isinstance(value := getattr(spec, f.name), gs.Tensor) and value.name in by_name}
+
+    def rebind(value):
+        if isinstance(value, gs.Tensor):
+            return by_name.get(value.name, value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(rebind(v) for v in value)
+        return value
+
+    rebound = {f.name: rebind(getattr(spec, f.name)) for f in fields(spec)}
     rewrite = Rewrite(alone, "check")
     target.emit(replace(spec, **rebound), rewrite)
     rewrite.apply()

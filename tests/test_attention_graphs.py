@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 
 import onnx_fuse
-from graphs import attention_model, flat_attention_model, float16_upcast_attention_model, random_inputs
+from graphs import (attention_model, flat_attention_model, float16_upcast_attention_model, random_inputs,
+                    router_and_attention_model)
 
 
 def run(model, feeds):
@@ -182,3 +183,44 @@ def test_nothing_to_fuse_passes_through_unchanged():
     result = onnx_fuse.fuse(model)
     assert result.model.SerializeToString() == model.SerializeToString()
     assert result.report["opset"] == {"from": 17, "to": 17}
+
+
+def test_learned_sinks_are_recognized_and_left_unfused_with_the_reason():
+    """GPT-OSS's sinks cannot be expressed by ONNX Attention: the core is matched, its spec
+    carries the sink logits, and the onnx target refuses it, saying why."""
+    model = attention_model(sinks="gpt-oss")
+    result = onnx_fuse.fuse(model, check=False)
+    assert result.report["counts"] == {} and not result.changed
+    (miss,) = result.report["unfused"]
+    assert miss["pattern"] == "attention" and "cannot express learned attention sinks" in miss["reason"]
+
+
+def test_a_sliced_softmax_that_keeps_the_extra_column_is_not_attention_with_sinks():
+    model = attention_model(sinks="keep_sink")
+    (miss,) = onnx_fuse.fuse(model, check=False).report["unfused"]
+    assert "does not drop exactly the one sink column" in miss["reason"], miss
+
+
+def test_the_spec_of_an_attention_with_sinks(monkeypatch):
+    """What a target that takes sinks receives: the [1, heads, 1, 1] logits, and zero output for
+    rows whose keys are all hidden (the sink takes all the weight)."""
+    from onnx_fuse.graph import Graph
+    from onnx_fuse.pattern import match
+    from onnx_fuse.patterns.attention import RULES
+
+    rule = RULES[0]
+    graph = Graph(onnx.shape_inference.infer_shapes(attention_model(sinks="gpt-oss", mask="keep")))
+    (softmax,) = graph.nodes_of("Softmax")
+    found, why = match(rule.pattern, graph, rule.root(graph, softmax))
+    spec = rule.describe(graph, found)
+    assert tuple(spec.sinks.shape) == (1, 4, 1, 1) and spec.empty_row_output == "zero"
+
+
+def test_an_moe_router_softmax_is_not_attention_and_stays_as_it_was():
+    model = router_and_attention_model()
+    result = onnx_fuse.fuse(model, inputs=random_inputs(model, {"S": 3}))
+    assert result.report["counts"] == {"attention": 1}
+    assert result.report["unfused"] == [] and result.report["check"]["passed"]
+    softmax = [n for n in result.model.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1 and softmax[0].output[0] in {i for n in result.model.graph.node
+                                                             if n.op_type == "TopK" for i in n.input}

@@ -412,18 +412,20 @@ def test_inspect_says_what_fuses_and_explains_every_candidate_it_leaves(capfd):
     code, out, err = run_main(capfd, "inspect", rotary)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].startswith("fused: attention 2;")
+    assert lines[0].startswith("fused: attention 2, rope 4; unfused candidates: 0")
     fuses = [line for line in lines if line.lstrip().startswith("fuses")]
-    misses = [line for line in lines if line.lstrip().startswith("unfused")]
-    assert len(fuses) == 2 and all("mask_class=causal_padding" in f for f in fuses)
-    # Each RoPE left alone gets one line: the rule, its anchor node and the first failed condition.
-    assert len(misses) == 4
-    assert all(" rope " in m and "at Neg '" in m and "max_positions is unknown" in m for m in misses)
-    # With the bound given, nothing is left.
+    assert len(fuses) == 6
+    assert sum("mask_class=causal_padding" in f for f in fuses) == 2
+    # Nothing bounds the positions: RoPE takes the graph's own cos/sin, and says why.
+    assert sum("form=computed" in f and "nothing bounds the positions" in f for f in fuses) == 4
+    # With the bound given, the table form with position ids.
     code, out, _ = run_main(capfd, "inspect", rotary, "--max-positions", 64)
-    lines = out.splitlines()
-    assert code == 0 and lines[0].startswith("fused: attention 2, rope 4; unfused candidates: 0")
-    assert not any(line.lstrip().startswith("unfused") for line in lines)
+    assert code == 0 and sum("form=table" in line for line in out.splitlines()) == 4
+    # Each candidate a target leaves gets one line: the rule, its anchor node and the reason.
+    code, out, _ = run_main(capfd, "inspect", rotary, "--target", "primitive-trt")
+    misses = [line for line in out.splitlines() if line.lstrip().startswith("unfused")]
+    assert code == 0 and len(misses) == 4
+    assert all(" rope " in m and "at Neg '" in m and "keeps this as primitive ops" in m for m in misses)
 
 
 def test_inspect_json_report_has_the_contract_fields(capfd, tmp_path):

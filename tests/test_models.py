@@ -26,6 +26,8 @@ def test_every_attention_core_fuses_and_checks(name):
     result = onnx_fuse.fuse(os.path.join(MODELS, name), check=True)
     report = result.report
     assert report["counts"].get("attention", 0) == truth["attention_cores"], report["unfused"]
+    # No flags: every RoPE application fuses (computed cos/sin where nothing bounds positions).
+    assert report["counts"].get("rope", 0) == truth["rope_applications"], report["unfused"]
     assert report["check"]["passed"], report["check"]["message"]
     assert set(report["check"]["outputs"]) == set(truth["outputs"])
     assert ops(result.model).count("Attention") == truth["attention_cores"]

@@ -129,26 +129,73 @@ def _same_dim(a, b) -> bool:
 def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     """RotaryEmbedding on 4-D [batch, heads, seq, head] input, the form TensorRT's parser takes:
     x before the head transpose is transposed there and back, a 3-D single head gets a heads axis.
-    The caches and the [batch, seq] position ids are built once and shared by every layer."""
+    The tables (caches and [batch, seq] position ids, or per-token cos/sin [batch, seq, rotary/2]
+    of the computed form) are built once and shared by every layer."""
+    attrs = {"interleaved": int(spec.interleaved),
+             "rotary_embedding_dim": 0 if spec.rotary_dim == spec.head_size else spec.rotary_dim}
+    x = _deinterleaved(spec.input, rw) if spec.deinterleave else spec.input
+    last = None if spec.around else [spec.output]  # the Concat around it takes the output over
+    if spec.layout == "bnsh":
+        y = rw.op("RotaryEmbedding", [x, *_rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype, outputs=last)
+    elif spec.layout == "bsnh":
+        x = rw.op("Transpose", [x], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype)
+        y = rw.op("RotaryEmbedding", [x, *_rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype)
+        y = rw.op("Transpose", [y], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype, outputs=last)
+    else:
+        heads_axis = rw.const("rope_heads_axis", np.array([1], dtype=np.int64))
+        x = rw.op("Unsqueeze", [x, heads_axis], dtype=spec.input.dtype)
+        y = rw.op("RotaryEmbedding", [x, *_rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype)
+        y = rw.op("Squeeze", [y, heads_axis], dtype=spec.input.dtype, outputs=last)
+    if spec.around:
+        before, after = spec.around
+        rw.op("Concat", [*before, y, *after], {"axis": -1}, outputs=[spec.output])
+
+
+def _deinterleaved(x: Tensor, rw: Rewrite) -> Tensor:
+    """x's even channels, then its odd ones."""
+    axis, step = rw.const("rope_last_axis", np.array([-1], np.int64)), rw.const("rope_two", np.array([2], np.int64))
+    end = rw.const("rope_end", np.array([np.iinfo(np.int64).max], np.int64))
+    even, odd = (rw.op("Slice", [x, rw.const("rope_start", np.array([start], np.int64)), end, axis, step],
+                       dtype=x.dtype) for start in (0, 1))
+    return rw.op("Concat", [even, odd], {"axis": -1}, dtype=x.dtype)
+
+
+def _rotary_tables(spec: RotarySpec, rw: Rewrite) -> list[Tensor]:
+    """RotaryEmbedding's inputs after x: (cos_cache, sin_cache, position_ids) of the table form,
+    (cos, sin) per token of the computed form."""
+    if spec.form == "computed":
+        key = ("rope_per_token", spec.cache_key, spec.layout)
+        return [rw.shared((*key, which), lambda t=table: _per_token(spec, t, rw))
+                for which, table in (("cos", spec.cos), ("sin", spec.sin))]
     cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
     sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
     # A 3-D x folds the heads into its batch, so q and k need position ids of their own.
     batch_of = id(spec.input) if spec.layout == "bsh" else None
     positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: _position_ids(spec, rw))
-    attrs = {"interleaved": int(spec.interleaved),
-             "rotary_embedding_dim": 0 if spec.rotary_dim == spec.head_size else spec.rotary_dim}
-    if spec.layout == "bnsh":
-        rw.op("RotaryEmbedding", [spec.input, cos, sin, positions], attrs, outputs=[spec.output])
-        return
-    if spec.layout == "bsnh":
-        x = rw.op("Transpose", [spec.input], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype)
-        y = rw.op("RotaryEmbedding", [x, cos, sin, positions], attrs, dtype=spec.input.dtype)
-        rw.op("Transpose", [y], {"perm": [0, 2, 1, 3]}, outputs=[spec.output])
-        return
-    heads_axis = rw.const("rope_heads_axis", np.array([1], dtype=np.int64))
-    x = rw.op("Unsqueeze", [spec.input, heads_axis], dtype=spec.input.dtype)
-    y = rw.op("RotaryEmbedding", [x, cos, sin, positions], attrs, dtype=spec.input.dtype)
-    rw.op("Squeeze", [y, heads_axis], outputs=[spec.output])
+    return [cos, sin, positions]
+
+
+def _per_token(spec: RotarySpec, table: Tensor, rw: Rewrite) -> Tensor:
+    """[batch, seq, rotary_dim / 2] from the graph's cos or sin as multiplied with x: the other
+    axes are 1 (proven when the tables were evaluated), one angle per pair of channels, the
+    batch broadcast to x's."""
+    seq_axis = {"bnsh": 2, "bsnh": 1, "bsh": 1}[spec.layout]
+    seq = rw.op("Shape", [spec.input], {"start": seq_axis, "end": seq_axis + 1}, dtype=np.int64)
+    channels = spec.rotary_dim // 2 if spec.tables_halved else spec.rotary_dim
+    flat = rw.op("Concat", [rw.const("rope_batch_any", np.array([-1], np.int64)), seq,
+                            rw.const("rope_channels", np.array([channels], np.int64))], {"axis": 0},
+                 dtype=np.int64)
+    pairs = rw.op("Reshape", [table, flat], dtype=table.dtype)
+    if not spec.tables_halved:
+        half = spec.rotary_dim // 2
+        starts, ends, steps = ([0], [spec.rotary_dim], [2]) if spec.interleaved else ([0], [half], [1])
+        pairs = rw.op("Slice", [pairs, rw.const("rope_start", np.array(starts, np.int64)),
+                                rw.const("rope_end", np.array(ends, np.int64)),
+                                rw.const("rope_last_axis", np.array([-1], np.int64)),
+                                rw.const("rope_step", np.array(steps, np.int64))], dtype=table.dtype)
+    batch = rw.op("Shape", [spec.input], {"start": 0, "end": 1}, dtype=np.int64)
+    target = rw.op("Concat", [batch, rw.const("rope_ones", np.ones(2, np.int64))], {"axis": 0}, dtype=np.int64)
+    return rw.op("Expand", [pairs, target], dtype=table.dtype)
 
 
 def _position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
