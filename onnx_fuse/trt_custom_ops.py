@@ -5,6 +5,10 @@ How the parser picks an importer for a node: (1) a plugin, if the node has `plug
 the plugin-override flag is set) and the plugin is registered; (2) the built-in importer of that
 op_type, whatever the domain; (3) a model-local function of that name, inlined; (4) without
 plugin_namespace, a plugin looked up with the domain as namespace; otherwise no importer.
+
+The ops of target trt-plugin (plugin_ops.py) are also checked against their own contract: the
+validation plugin_ops.make_node applies, the plugin's namespace and version, the input types its
+plugins take and, for the cache write, the in-place cache pair.
 """
 
 from __future__ import annotations
@@ -12,13 +16,22 @@ from __future__ import annotations
 from functools import lru_cache
 
 import onnx
+from onnx import TensorProto
 
-from .trt_facts import PARSE, Facts, Finding, attributes, text
-from .trt_layers import LAYERS
+from . import plugin_ops
+from .trt_facts import BUILD, KERNEL, PARSE, Facts, Finding, attributes, text, type_name
+from .trt_layers import LAYERS, cache_aliasing
 
 # Custom op types TensorRT 11 imports itself (TRT_custom_ops.md): not plugins.
 TRT_BUILTIN_CUSTOM_OPS = {*[op for op in LAYERS if op.startswith("TRT_")], "TRT_MoE"}
 _LIST_TYPES = {"INTS", "FLOATS", "STRINGS", "TENSOR", "TENSORS", "GRAPH", "GRAPHS"}
+_INTEGERS = {TensorProto.INT32, TensorProto.INT64}
+# The input types the project's plugins take (plugin_ops.py's docstring), by op and input.
+_PROJECT_INPUT_TYPES = {
+    plugin_ops.ATTENTION.name: {"key_mask": {TensorProto.BOOL, *_INTEGERS}, "kv_lengths": {TensorProto.INT32}},
+    plugin_ops.ROPE.name: {"position_ids": {TensorProto.INT64}},
+    plugin_ops.KV_WRITE.name: {"write_indices": _INTEGERS},
+}
 
 
 @lru_cache(maxsize=1)
@@ -60,12 +73,46 @@ def plugin(node: onnx.NodeProto, facts: Facts, version: str) -> tuple[list[Findi
     elif has_function:
         notes.append("no plugin_namespace: the parser inlines the model-local function "
                      f"{node.op_type}")
-    elif not builtin:
+    elif not builtin and not _is_project_op(node):
         found.append(Finding("plugin_lookup", f"no plugin_namespace and no model-local function: it "
                                               f"parses only if a plugin {node.op_type} (version "
                                               f"{plugin_version}) is registered in namespace "
                                               f"'{node.domain}'", PARSE))
+    if _is_project_op(node):
+        found += _project_op(node, facts, attrs)
     return found, notes
+
+
+def _is_project_op(node: onnx.NodeProto) -> bool:
+    return node.domain == plugin_ops.DOMAIN and node.op_type in plugin_ops.OPS
+
+
+def _project_op(node: onnx.NodeProto, facts: Facts, attrs: dict) -> list[Finding]:
+    """One of target trt-plugin's ops against its contract (plugin_ops.py)."""
+    spec = plugin_ops.OPS[node.op_type]
+    found = []
+    values = {name: value for name, (value, _) in attrs.items()
+              if name not in ("plugin_namespace", "plugin_version")}
+    try:
+        plugin_ops.make_node(node.op_type, list(node.input), list(node.output), **values)
+    except ValueError as exc:
+        found.append(Finding("plugin_contract", f"{node.op_type}: {exc}", PARSE))
+    for name, wanted in (("plugin_namespace", plugin_ops.PLUGIN_NAMESPACE),
+                         ("plugin_version", plugin_ops.PLUGIN_VERSION)):
+        given = text(attrs[name][0]) if name in attrs else None
+        if given != wanted:
+            found.append(Finding("plugin_contract", f"{name} {given!r}: onnx_fuse registers its plugins as "
+                                                    f"{wanted!r}; another finds no plugin and inlines the "
+                                                    "function", KERNEL))
+    for index, input_name in enumerate(spec.inputs):
+        wanted = _PROJECT_INPUT_TYPES[spec.name].get(input_name)
+        tensor = node.input[index] if index < len(node.input) else ""
+        if wanted and tensor and facts.elem(tensor) not in (None, *wanted):
+            found.append(Finding("dtype", f"{input_name} is {type_name(facts.elem(tensor))}; the plugin "
+                                          f"takes {', '.join(sorted(type_name(t) for t in wanted))}", BUILD))
+    if spec is plugin_ops.KV_WRITE:
+        found += cache_aliasing(node, facts)
+    return found
 
 
 def _attribute_types(attrs: dict) -> list[Finding]:

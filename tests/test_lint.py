@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_fuse
 from graphs import attention_model
-from onnx_fuse import cli, lint
+from onnx_fuse import cli, lint, plugin_ops
 from onnx_fuse.trt_contract import verdicts
 
 MODELS = os.path.join(os.path.dirname(__file__), os.pardir, "models")
@@ -106,6 +106,26 @@ def quantized(scale_shape, version="11"):
     return node_model("TRT_QuantizedAttention", inputs, domain="trt"), version
 
 
+def project_op(op, inputs, node_inputs=None, **attrs):
+    """One of target trt-plugin's ops (plugin_ops.py) with its function, attributes as given
+    (by default every one of its contract, plugin namespace and version included)."""
+    spec = plugin_ops.OPS[op]
+    values = {"plugin_namespace": plugin_ops.PLUGIN_NAMESPACE, "plugin_version": plugin_ops.PLUGIN_VERSION,
+              **{a.name: a.default for a in spec.attrs if a.default is not None}, **attrs}
+    model = node_model(op, inputs, values, domain=plugin_ops.DOMAIN, node_inputs=node_inputs,
+                       functions=[plugin_ops.function(op)])
+    return model, "11"
+
+
+def fused_attention(kv_lengths=I32, node_inputs=None, **attrs):
+    inputs = qkv(m=(BOOL, [2, 5]), s=(F16, [4]), L=(kv_lengths, [2]))
+    return project_op("FusedAttention", inputs, node_inputs, **{"scale": 0.35, "causal": 2, **attrs})
+
+
+def fused_kv_write(cache=CACHE):
+    return project_op("FusedKVWrite", {"cache": cache, "u": UPDATE, "i": (I32, [2])})
+
+
 def primitive(**kwargs):
     return attention_model(**kwargs), "11"
 
@@ -165,6 +185,12 @@ VIOLATIONS = {
     "plugin list attribute": (plugin(plugin_namespace="ns", block=[64, 64]), "attribute", "not lists"),
     "plugin without importer": (plugin(), "plugin_lookup", "registered"),
     "contrib op collides": (plugin("RotaryEmbedding", domain="com.microsoft"), "plugin_name", "built-in"),
+    "project op input types": (fused_attention(kv_lengths=I64), "dtype", "kv_lengths is int64"),
+    "project op attribute value": (fused_attention(causal=5), "plugin_contract", "causal is 0, 1 or 2"),
+    "project op input count": (fused_attention(node_inputs=["q", "k", "v", "m", "s"]), "plugin_contract",
+                               "takes 6 inputs"),
+    "project op namespace": (fused_attention(plugin_namespace="other"), "plugin_contract", "'onnx_fuse'"),
+    "project op dynamic cache": (fused_kv_write((F16, [2, 2, "L", 8])), "static_cache", "not static"),
     "primitive float32": (primitive(mask="keep", scale_on="q"), "dtype", "no fused MHA kernel"),
     "primitive cast before softmax": (primitive(mask="keep", scale_on="q", casts=True), "pointwise", "Cast"),
     "primitive no masking op": (primitive(scale_on="q"), "masking", "0 masking ops"),
@@ -199,6 +225,10 @@ CLEAN = {
     "scatter": scatter(),
     "kv update": scatter("TRT_KVCacheUpdate", indices=(I32, [2]), domain="trt"),
     "plugin": plugin(plugin_namespace="ns", plugin_version="1", aot=1),
+    "project attention op": fused_attention(),
+    "project rotary op": project_op("FusedRotary", {"x": (F16, [2, 4, 3, 8]), "cos": (F16, [16, 4]),
+                                                    "sin": (F16, [16, 4]), "p": (I64, [2, 3])}),
+    "project kv write op": fused_kv_write(),
     "plugin with a local function": plugin(functions=[local_function("FlashDecode", "onnx_fuse.plugins")]),
 }
 
