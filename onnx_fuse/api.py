@@ -23,7 +23,7 @@ from .tolerances import Tolerances
 def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | list | None = None,
          *, apply: bool = True, max_positions: int | None = None, kv_cache: str | None = None,
          max_cache_len: int | None = None, tolerances: Tolerances | None = None,
-         check_batch: int | None = None) -> FuseResult:
+         check_batch: int | None = None, target_options: dict | None = None) -> FuseResult:
     """Fuse `model` for `target`. `model` is a path, an onnx.ModelProto, an onnx_ir.Model or a
     torch.onnx.ONNXProgram; `result.model` is of the same kind, `result.proto` the ModelProto.
 
@@ -36,8 +36,9 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | list | 
     graph does not (cos/sin computed from the positions). Raises BadInput for models that cannot
     be used. `kv_cache="static"` also converts caches that grow by Concat to fixed caches of
     `max_cache_len` slots written by TensorScatter (kv_static.py; its check drives decode steps).
+    `target_options` configure the target (trt11: {"cp_ranks": N, "decomposable": True}).
     """
-    chosen = get_target(target)
+    chosen = get_target(target).configured(target_options or {})
     if check and chosen.proof.kind == "none":
         raise BadInput(f"target {chosen.name}'s output cannot be checked in onnxruntime "
                        f"({chosen.proof.reason}): pass --no-check to write it unchecked")

@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="static: turn caches that grow by Concat into fixed caches of "
                            "--max-cache-len slots written by TensorScatter (checked over decode steps)")
     fuse.add_argument("--max-cache-len", type=int, metavar="N", help="cache slots for --kv-cache static")
+    _target_options(fuse)
     fuse.set_defaults(run=_fuse)
 
     inspect = commands.add_parser("inspect", help="say what would fuse and why the rest does not")
@@ -121,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--max-positions", type=int, metavar="N")
     inspect.add_argument("-q", "--quiet", action="store_true", help="no progress line on the terminal")
+    _target_options(inspect)
     inspect.set_defaults(run=_inspect)
 
     check = commands.add_parser("check", help="compare two models in onnxruntime")
@@ -128,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("candidate")
     _add_check_options(check)
     check.set_defaults(run=_check)
+
+    lint = commands.add_parser("lint", help="say whether TensorRT's parser takes each transformer "
+                                            "layer and gives it a fused kernel (exit 1: findings)")
+    lint.add_argument("input")
+    lint.add_argument("--trt", required=True, choices=_trt_versions(), help="TensorRT version")
+    lint.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    lint.set_defaults(run=_lint)
     return parser
 
 
@@ -143,6 +152,31 @@ def _add_check_options(command: argparse.ArgumentParser) -> None:
                                   "instead of the dtype's")
     command.add_argument("--check-batch", type=int, metavar="N",
                          help="batch size of the synthesized inputs (default 2)")
+
+
+def _target_options(command) -> None:
+    command.add_argument("--cp-ranks", type=int, metavar="N",
+                         help="trt11: nb_rank=N on every TRT_Attention (TensorRT's multi-device "
+                              "attention over N GPUs, a preview feature; FP16/BF16)")
+    command.add_argument("--decomposable", action="store_true",
+                         help="trt11: TRT_decomposable=1 (a decomposed fallback where no fused "
+                              "kernel fits, instead of a failed build)")
+
+
+def _options_for_target(args) -> dict:
+    """The target options given on the command line (the target says which it takes)."""
+    options = {}
+    if args.cp_ranks is not None:
+        options["cp_ranks"] = args.cp_ranks
+    if args.decomposable:
+        options["decomposable"] = True
+    return options
+
+
+def _trt_versions() -> tuple[str, ...]:
+    from .trt_facts import VERSIONS
+
+    return VERSIONS
 
 
 def _fuse(args) -> int:
@@ -165,7 +199,8 @@ def _fuse(args) -> int:
     extra = {} if args.kv_cache is None else {"kv_cache": args.kv_cache,
                                               "max_cache_len": args.max_cache_len}
     result = fuse(source, target=args.target, check=args.check, inputs=inputs,
-                  max_positions=_positive(args.max_positions), **_check_options(args), **extra)
+                  max_positions=_positive(args.max_positions), target_options=_options_for_target(args),
+                  **_check_options(args), **extra)
     progress.phase("save")
     result.save(args.output)
     written = []
@@ -178,6 +213,8 @@ def _fuse(args) -> int:
             os.unlink(path)
         raise
     print(_summary(result.report))
+    for note in result.report.get("target_notes", []):
+        print(f"note: {note}")
     print(f"wrote {args.output}")
     return EXIT_OK
 
@@ -200,7 +237,8 @@ def _inspect(args) -> int:
     from .api import fuse
 
     report = fuse(args.input, target=args.target, check=False, apply=False,
-                  max_positions=_positive(args.max_positions)).report
+                  max_positions=_positive(args.max_positions),
+                  target_options=_options_for_target(args)).report
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -244,6 +282,15 @@ def _check_options(args) -> dict:
     from .tolerances import parse_tolerances
 
     return {"tolerances": parse_tolerances(args.atol, args.rtol), "check_batch": args.check_batch}
+
+
+def _lint(args) -> int:
+    from . import lint
+    from .model_io import load_model
+
+    report = lint.lint(load_model(args.input).model, args.trt)
+    print(json.dumps(report, indent=2) if args.json else lint.render(report))
+    return lint.exit_code(report)
 
 
 def _version() -> str:

@@ -45,6 +45,8 @@ def fuse_source(source: SourceModel, target: Target, options: Options, prover: P
     output = export(attempt.graph, attempt.template, target.domains) if changed else source.model
     if changed:
         attach_contract(report, target.contract(output))
+        if target.notes():
+            report["target_notes"] = target.notes()
     fused = FuseResult(output, report, source.base_dir, changed, source.path,
                        attempt.result.fused, attempt.result.unfused)
     if prover is not None and changed:

@@ -6,8 +6,9 @@ from ..errors import BadInput
 from .base import Proof, Target
 from .onnx import OnnxTarget
 from .primitive_trt import PrimitiveTrtTarget
+from .trt11 import Trt11Target
 
-TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget()]}
+TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget(), Trt11Target()]}
 
 
 def get_target(name: str) -> Target:

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar
 
 import onnx
 
+from ..errors import BadInput
 from ..rewrite import Reject, Rewrite
 
 
@@ -50,6 +51,23 @@ class Target:
     static_cache: ClassVar[bool] = False
     # spec type -> emitter(spec, rewrite); a spec of another type is left as primitive ops.
     emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}
+
+    def static_form(self):
+        """How `--kv-cache static` writes and reads this target's fixed caches
+        (kv_static.StandardForm's interface), or None for the standard ops' form."""
+        return None
+
+    def configured(self, options: dict) -> "Target":
+        """This target with the user's options for it (e.g. {"cp_ranks": 2}); BadInput for an
+        option it does not take. A target without options is its own configuration."""
+        if options:
+            raise BadInput(f"target {self.name} takes no option {', '.join(sorted(options))}")
+        return self
+
+    def notes(self) -> list[str]:
+        """What the user must know to run the output (a build flag, a hardware requirement):
+        the report's `target_notes`."""
+        return []
 
     def refusal(self, spec) -> str | None:
         """Why this target cannot express `spec`, or None if it can."""

@@ -37,19 +37,21 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     finish(spec, "Attention", inputs, attrs, rw)
 
 
-def finish(spec: AttentionSpec, op_type: str, inputs: list, attrs: dict, rw: Rewrite) -> None:
-    """The last op of an attention, then what makes its result the original's output tensor
-    (which the last node emitted takes over): a Cast where the original computed the product
-    in another type, a Reshape to [B*N, S, H] where it was 3-D."""
+def finish(spec: AttentionSpec, op_type: str, inputs: list, attrs: dict, rw: Rewrite, *,
+           domain: str = "", dtype: int | None = None) -> None:
+    """The last op of an attention (of `domain`, computing in `dtype`, default Q's), then what
+    makes its result the original's output tensor (which the last node emitted takes over): a
+    Cast where the original's product has another type, a Reshape to [B*N, S, H] where it was 3-D."""
     steps = []
-    if spec.output_dtype is not None and spec.output_dtype != spec.dtype:
+    computed = spec.dtype if dtype is None else dtype
+    if spec.output_dtype is not None and spec.output_dtype != computed:
         steps.append(("Cast", {"to": spec.output_dtype}))
     if spec.flat_output:
         steps.append(("Reshape", None))
     if not steps:
-        rw.op(op_type, inputs, attrs, outputs=[spec.output])
+        rw.op(op_type, inputs, attrs, domain=domain, outputs=[spec.output])
         return
-    output = rw.op(op_type, inputs, attrs)
+    output = rw.op(op_type, inputs, attrs, domain=domain)
     for i, (step, step_attrs) in enumerate(steps):
         last = [spec.output] if i == len(steps) - 1 else None
         if step == "Reshape":
@@ -214,15 +216,19 @@ def emit_kv_cache_write(spec: KVCacheWriteSpec, rw: Rewrite) -> None:
     """TensorScatter (opset 24; TensorRT's IKVCacheUpdateLayer): the update written into the
     cache along axis -2 at write_indices[b] = positions[0] for every batch row b. The write
     indices are built once per positions tensor (and batch) and shared by every layer."""
-    batch = rw.graph.shape(spec.past)
-    batch = batch[0] if batch is not None and batch[0] is not None else id(spec.past)
-    indices = rw.shared(("kv_write_indices", id(spec.positions), batch),
-                        lambda: _write_indices(spec, rw))
+    indices = shared_write_indices(spec, rw)
     update = spec.update
     if spec.update_perm is not None:
         update = rw.op("Transpose", [update], {"perm": list(spec.update_perm)}, dtype=update.dtype)
     rw.op("TensorScatter", [spec.past, update, indices], {"axis": -2, "mode": "linear"},
           outputs=[spec.output])
+
+
+def shared_write_indices(spec: KVCacheWriteSpec, rw: Rewrite) -> Tensor:
+    """The write indices of `spec`, built once per positions tensor and batch."""
+    batch = rw.graph.shape(spec.past)
+    batch = batch[0] if batch is not None and batch[0] is not None else id(spec.past)
+    return rw.shared(("kv_write_indices", id(spec.positions), batch), lambda: _write_indices(spec, rw))
 
 
 def _write_indices(spec: KVCacheWriteSpec, rw: Rewrite) -> Tensor:
