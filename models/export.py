@@ -1029,7 +1029,7 @@ REGISTRY += [
                                                                       / np.log(LONGROPE_ORIGINAL)))},
         **_NEW),
     ModelSpec(
-        name="gpt-bigcode-mqa", arch="gpt_bigcode", optional_combos=(("prefill", "sdpa"),), make_config=_gpt_bigcode_config,
+        name="gpt-bigcode-mqa", arch="gpt_bigcode", optional_combos=(("prefill", "sdpa"), ("decode", "eager")), make_config=_gpt_bigcode_config,
         model_cls=transformers.GPTBigCodeForCausalLM, kinds=("prefill", "decode"), causal=True,
         position_embedding="learned_absolute",
         notes="multi-query attention (multi_query=True: 1 kv head of 8 shared by 4 query heads); fused c_attn "

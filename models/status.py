@@ -5,7 +5,8 @@ tabulate what happened.
     python models/status.py FILE.onnx ... [--out models/STATUS.md] [--json status.json]
 
 Per file: `onnx-fuse fuse M -o TMP --report R` (default target onnx, no flags); decode files
-(a `past_key_values`/`input.cache` input) also `--kv-cache static --max-cache-len 64`. Recorded:
+(a `past_key_values`/`input.cache` input) also `--kv-cache static --max-cache-len 64`; every
+file also `--max-positions 64` (RoPE computed from positions fuses only with it). Recorded:
 exit code, counts (attention, rope, kv_cache), unfused candidates with their distinct reasons,
 the check message (or the one stderr line when the exit code is not 0). Nothing in the engine
 is changed by this script.
@@ -65,7 +66,7 @@ def main(argv=None):
     rows = {}
     for f in args.files:
         name = os.path.basename(f)
-        rows[name] = {"default": run(f, [])}
+        rows[name] = {"default": run(f, []), "maxpos64": run(f, ["--max-positions", "64"])}
         if _is_decode(f):
             rows[name]["static64"] = run(f, ["--kv-cache", "static", "--max-cache-len", "64"])
         print(name, json.dumps(rows[name])[:400], flush=True)
