@@ -952,8 +952,10 @@ REGISTRY += [
         attention_scale=lambda c: (c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5,
         notes="multi-head latent attention: q = q_b(norm(q_a(x))), kv = kv_b(norm(kv_a(x)[:kv_lora_rank])); "
               "q/k head = nope 8 + rope 4 = 12, v head 8; the rotary part of K (k_pe, 1 head) is computed once and "
-              "expanded across the 4 heads; rope_interleave (pairs (x0,x1).. regrouped to halves, then rotate_half) "
-              "on the 4 rope channels only (the last 4 of each q/k head); layer 0 dense MLP, layer 1 MoE with "
+              "expanded across the 4 heads; rope_interleave: pairs (x0,x1),(x2,x3) rotated on x[..., 0::2] / x[..., 1::2] "
+              "with the first half of cos/sin, the result written as halves cat(x1*cos - x2*sin, x2*cos + x1*sin) "
+              "(on the 4 rope channels only, the last 4 of each q/k head); the cache holds the compressed latent "
+              "and the rotated k_pe (see cache_layout); layer 0 dense MLP, layer 1 MoE with "
               "sigmoid router (grouped top-k, no Softmax) + 1 shared expert",
         extra_truth=lambda c: {"mla": {"q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
                                        "qk_nope_head_dim": c.qk_nope_head_dim, "qk_rope_head_dim": c.qk_rope_head_dim,
@@ -2013,6 +2015,7 @@ def main(argv=None):
             print(f"[export] {fname}: opset {info['opset']}, {info['size_bytes'] / 1024:.0f} KiB, "
                   f"{time.time() - t0:.1f}s", flush=True)
 
+    optimum_venv = manifest.get("versions", {}).get("optimum_venv")  # written by export_optimum.py
     manifest["versions"] = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -2021,6 +2024,8 @@ def main(argv=None):
         "onnxruntime_verified_with": __import__("onnxruntime").__version__,
         "python": sys.version.split()[0],
     }
+    if optimum_venv:
+        manifest["versions"]["optimum_venv"] = optimum_venv
     manifest["torchscript_opset"] = TORCHSCRIPT_OPSET
     manifest["dynamo_opsets"] = sorted({e["opset"] for e in manifest["files"].values() if e["exporter"] == "dynamo"})
     manifest["seed"] = SEED

@@ -22,7 +22,8 @@ What it writes (exporter "optimum", optimum's own TorchScript-based exporter, it
 
 The model is built from a config class (never downloaded), its weights redrawn as in export.py
 (matrices N(0, 0.15^2), biases 0.1 N, norm scales 1 + 0.1 N; seed from the spec name), saved
-with save_pretrained into a temporary directory and exported from there. Deterministic.
+with save_pretrained into a temporary directory and exported from there. Deterministic (the
+script re-runs itself with PYTHONHASHSEED=0: merge_decoders' initializer names follow set order).
 """
 from __future__ import annotations
 
@@ -186,6 +187,11 @@ def verify(name, kind, path):
 
 
 def main(argv=None):
+    # optimum.onnx.merge_decoders names the shared initializers in set order: without a fixed hash
+    # seed the merged file differs from run to run (names only)
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--no-verify", action="store_true")
