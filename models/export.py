@@ -1597,14 +1597,19 @@ _DROP_METADATA = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy"
 def _strip_metadata(path: str) -> None:
     """The dynamo exporter stores per-node python stack traces containing absolute
     paths of this machine; drop them (size + reproducibility), and the class
-    hierarchy / name scopes, which duplicate 'namespace'.  'namespace' (which
+    hierarchy / name scopes, which duplicate 'namespace', and memory addresses
+    (``<function sym_max at 0x...>``) from the kept values.  'namespace' (which
     nn.Module, e.g. ``model.model.layers.0.self_attn``, each node came from)
     and 'pkg.torch.onnx.fx_node' are kept."""
     import onnx
 
+    import re
+
     m = onnx.load(path)
     for node in m.graph.node:
         keep = [p for p in node.metadata_props if p.key not in _DROP_METADATA]
+        for p in keep:  # "<function sym_max at 0x7f...>": a memory address, different every run
+            p.value = re.sub(r" at 0x[0-9a-f]+>", ">", p.value)
         del node.metadata_props[:]
         node.metadata_props.extend(keep)
     onnx.save(m, path)
