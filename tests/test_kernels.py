@@ -26,9 +26,9 @@ from onnx_fuse import kernels  # noqa: E402
 from onnx_fuse.kernels import launch, reference  # noqa: E402
 
 SMALL = launch.Tile(16, 16, 4, 1)
-# Triton's interpreter computes tl.dot on bfloat16 operands wrongly (it reads them as raw
-# 16-bit integers, seen with Triton 3.9), so attention runs in float16 here; its bfloat16 path
-# is checked on the GPU (benchmarks/bench_kernels.py --check). RoPE and the KV write use no dot.
+# Triton's interpreter computes tl.dot on bfloat16 operands wrongly (a 16x16 product off by
+# ~1e10, seen with Triton 3.9), so attention runs in float16 here; its bfloat16 path is checked
+# on the GPU (benchmarks/bench_kernels.py, KERNELS.md). RoPE and the KV write use no dot.
 DOT_DTYPES = [torch.float16]
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 

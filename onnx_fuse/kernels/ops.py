@@ -34,38 +34,52 @@ def attention(q, k, v, key_mask=None, sinks=None, kv_lengths=None, *, scale=None
     nkv, skv, head_v = k.shape[1], k.shape[2], v.shape[3]
     use_mask = key_mask is not None
     key_mask, sinks, kv_lengths = _neutral_inputs(q, k, key_mask, sinks, kv_lengths)
-    key_mask = key_mask.contiguous()
     scale = 1.0 / math.sqrt(head) if scale is None else scale
     const = launch.attention_constexprs(head, head_v, scale=scale, causal=causal, window=window,
                                         softcap=softcap, use_key_mask=use_mask)
     if out is None:
         out = torch.empty((b, nq, sq, head_v), dtype=q.dtype, device=q.device)
+    inputs = (q, k, v, key_mask.contiguous(), sinks, kv_lengths)
     rows = nq // nkv * sq
     if decode is None:
         decode = rows <= 64 and skv >= 4 * sq
     if decode:
-        tile = tile or launch.decode_tile(rows, head, head_v)
-        # every query row of a KV head lives in one tile
-        tile = launch.Tile(max(tile.block_m, launch.next_pow2(rows)), *astuple(tile)[1:])
-        splits = splits or launch.decode_splits(b, nkv, skv, tile.block_n, _sm_count(q))
-        part_o = torch.empty((b * nq * sq, splits, head_v), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((b * nq * sq, splits), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        attn_decode_split_kernel[launch.decode_grid(b, nkv, splits)[:2]](
-            q, k, v, key_mask, kv_lengths, nq, nkv, sq, skv, part_o, part_m, part_l,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
-            num_stages=tile.num_stages, **{n: const[n] for n in const})
-        attn_decode_combine_kernel[(b * nq * sq,)](
-            part_o, part_m, part_l, sinks, v, nq, nkv, sq, skv, out, MASKED_ROW=int(masked_row),
-            HEAD_V=head_v, BLOCK_DV=const["BLOCK_DV"], SPLITS=splits,
-            BLOCK_S=launch.next_pow2(splits), BLOCK_N=tile.block_n, num_warps=4)
-        return out
-    tile = tile or launch.prefill_tile(head, head_v)
-    attn_fwd_kernel[launch.prefill_grid(b, nq, sq, tile)[:2]](
-        q, k, v, key_mask, sinks, kv_lengths, nq, nkv, sq, skv, out,
-        MASKED_ROW=int(masked_row), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        num_warps=tile.num_warps, num_stages=tile.num_stages, **const)
+        _decode(inputs, out, const, int(masked_row), tile, splits)
+    else:
+        _prefill(inputs, out, const, int(masked_row), tile)
     return out
+
+
+def _prefill(inputs, out, const, masked_row, tile):
+    q, k = inputs[:2]
+    (b, nq, sq, _), nkv, skv = q.shape, k.shape[1], k.shape[2]
+    tile = tile or launch.prefill_tile(const["HEAD"], const["HEAD_V"])
+    attn_fwd_kernel[launch.prefill_grid(b, nq, sq, tile)[:2]](
+        *inputs, nq, nkv, sq, skv, out, MASKED_ROW=masked_row, BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **const)
+
+
+def _decode(inputs, out, const, masked_row, tile, splits):
+    """Split-KV: partial softmax per slice of the cache, then one merge per query row."""
+    q, k, v, key_mask, sinks, kv_lengths = inputs
+    (b, nq, sq, _), nkv, skv = q.shape, k.shape[1], k.shape[2]
+    rows = nq // nkv * sq
+    tile = tile or launch.decode_tile(rows, const["HEAD"], const["HEAD_V"])
+    # every query row of a KV head lives in one tile
+    tile = launch.Tile(max(tile.block_m, launch.next_pow2(rows)), *astuple(tile)[1:])
+    splits = splits or launch.decode_splits(b, nkv, skv, tile.block_n, _sm_count(q))
+    part_o = torch.empty((b * nq * sq, splits, const["HEAD_V"]), dtype=torch.float32,
+                         device=q.device)
+    part_m = torch.empty((b * nq * sq, splits), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    attn_decode_split_kernel[launch.decode_grid(b, nkv, splits)[:2]](
+        q, k, v, key_mask, kv_lengths, nq, nkv, sq, skv, part_o, part_m, part_l,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
+        num_stages=tile.num_stages, **const)
+    attn_decode_combine_kernel[(b * nq * sq,)](
+        part_o, part_m, part_l, sinks, v, nq, nkv, sq, skv, out, MASKED_ROW=masked_row,
+        HEAD_V=const["HEAD_V"], BLOCK_DV=const["BLOCK_DV"], SPLITS=splits,
+        BLOCK_S=launch.next_pow2(splits), BLOCK_N=tile.block_n, num_warps=4)
 
 
 def _sm_count(t):

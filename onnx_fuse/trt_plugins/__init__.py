@@ -1,16 +1,17 @@
 """TensorRT plugins for onnx_fuse.plugin_ops' ops: Triton kernels compiled ahead of time.
 
-Load them before building an engine from a model made with `--target trt-plugin`:
+Load them before building an engine from a model made with `--target trt-plugin`, then
+parse and build as usual (trt.OnnxParser, builder.build_serialized_network):
 
-    import onnx_fuse.trt_plugins
-    onnx_fuse.trt_plugins.register_all()   # onnx_fuse::FusedAttention, FusedRotary, FusedKVWrite
-    # then parse the model and build as usual (trt.OnnxParser, builder.build_serialized_network)
+    import tensorrt as trt, onnx_fuse.trt_plugins
+    onnx_fuse.trt_plugins.register_all()
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS))
 
-Each op gets an AOT implementation (PTX from Triton, launched by TensorRT without Python; the
-engine runs with only TensorRT's runtime) and a JIT fallback (torch + Triton at run time).
-With both defined, TensorRT needs the network flag PREFER_AOT_PYTHON_PLUGINS (or
-PREFER_JIT_...), or the node attribute `aot` (INT, 1 = AOT). Needs tensorrt >= 10.9, triton
-and, for the JIT fallback, torch (the `trt` extra).
+Each op gets an AOT implementation (PTX from Triton, launched by TensorRT without Python: the
+engine then runs with TensorRT's runtime alone) and a JIT fallback (torch + Triton at run
+time). With both defined TensorRT needs one of the flags PREFER_AOT_PYTHON_PLUGINS /
+PREFER_JIT_PYTHON_PLUGINS, or the node attribute `aot` (INT, 1 = AOT). Needs tensorrt >= 10.9
+and triton (the `trt` extra), and torch for the JIT fallback (the `kernels` extra).
 
 Importing this package does not import tensorrt; register_all() does. Everything below
 tensorrt (AOT compilation, launch parameters) is in aot.py and runs without a GPU.
