@@ -34,7 +34,7 @@ def verdicts(model: onnx.ModelProto, version: str = DEFAULT_VERSION) -> list[Ver
         raise ValueError(f"unknown TensorRT version {version!r} (known: {', '.join(VERSIONS)})")
     facts = Facts(model)
     found = []
-    for node in model.graph.node:
+    for node in facts.nodes:  # If/Loop/Scan bodies included
         if is_plugin_node(node):
             findings, notes = plugin(node, facts, version)
             found.append(Verdict(_name(node), f"{node.domain}::{node.op_type}", plugin_layer(node),

@@ -71,24 +71,34 @@ class Verdict:
                 "findings": [f.to_json() for f in self.findings], "notes": list(self.notes)}
 
 
+def _scopes(graph: onnx.GraphProto):
+    """The graph, then the bodies of its control-flow nodes (recursively)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _scopes(body)
+
+
 class Facts:
     """A model indexed for the rules."""
 
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
-        inferred = _inferred(model).graph
-        self.types = {v.name: v.type.tensor_type for v in
-                      [*inferred.value_info, *inferred.input, *inferred.output]}
+        scopes = list(_scopes(_inferred(model).graph))  # the graph and its If/Loop/Scan bodies
+        self.types = {v.name: v.type.tensor_type for scope in scopes for v in
+                      [*scope.value_info, *scope.input, *scope.output]}
+        self.nodes = [node for scope in _scopes(graph) for node in scope.node]
         self.constants: dict[str, TensorProto] = {}
-        for tensor in graph.initializer:
+        for tensor in (t for scope in _scopes(graph) for t in scope.initializer):
             self.types[tensor.name] = _initializer_type(tensor)
             self.constants[tensor.name] = tensor
-        for node in graph.node:
+        for node in self.nodes:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
                 self.constants[node.output[0]] = node.attribute[0].t
-        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
+        for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_inputs = {v.name: v for v in graph.input if v.name not in self.constants}

@@ -29,14 +29,14 @@ _POINTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Tanh", "Relu", "Sigmoid", "N
 _MASK_SUBGRAPH_OPS = _POINTWISE | {"Range", "Trilu", "Expand", "Reshape", "Tile", "Unsqueeze",
                                    "Squeeze", "Shape", "Cast", "Xor"}
 _MASKING_OPS = {"Where", "Add", "Sub"}
-_BETWEEN_SOFTMAX_AND_MATMUL = {"Cast", "Where", "IsNaN"}
+_BETWEEN_SOFTMAX_AND_MATMUL = {"Cast", "Where", "IsNaN", "Slice"}  # Slice: a sink column dropped
 
 
 def primitive_attentions(facts: Facts, model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list, onnx.NodeProto]]:
     """(Softmax, the ops between it and the first MatMul, that MatMul) for every Softmax that sits
     between two MatMuls."""
     found = []
-    for softmax in (n for n in model.graph.node if n.op_type == "Softmax"):
+    for softmax in (n for n in facts.nodes if n.op_type == "Softmax"):
         chain, matmul = _scores_chain(facts, softmax)
         if matmul is not None and _feeds_matmul(facts, softmax.output[0]):
             found.append((softmax, chain, matmul))
@@ -111,18 +111,20 @@ def _scores_chain(facts: Facts, softmax: onnx.NodeProto) -> tuple[list, onnx.Nod
 
 
 def _leads_to_matmul(facts: Facts, name: str, depth: int = 8) -> bool:
-    node = facts.producer.get(name)
+    """A MatMul produces `name` within `depth` ops, through any of their inputs (the scores are
+    Where's second input, not its first)."""
+    frontier = [name]
     for _ in range(depth):
-        if node is None:
-            return False
-        if node.op_type == "MatMul":
+        nodes = [facts.producer[t] for t in frontier if t in facts.producer]
+        if any(n.op_type == "MatMul" for n in nodes):
             return True
-        node = facts.producer.get(node.input[0]) if node.input else None
+        frontier = [i for n in nodes if n.op_type not in ("Shape", "Size") for i in n.input if i][:64]
     return False
 
 
 def _feeds_matmul(facts: Facts, name: str) -> bool:
-    """The Softmax's output reaches a MatMul's first input through Casts and a NaN guard."""
+    """The Softmax's output reaches a MatMul's first input through Casts, a NaN guard and the
+    Slice that drops a learned sink's column."""
     frontier = [name]
     for _ in range(4):
         following = []
