@@ -222,6 +222,8 @@ def _summary(report: dict) -> str:
     line = f"fused: {counts}; unfused candidates: {len(report['unfused'])}"
     if opset["to"] != opset["from"]:
         line += f"; opset {opset['from']} -> {opset['to']}"
+    if report.get("repairs"):
+        line += f"; repaired {len(report['repairs'])} exporter-written node(s)"
     check = report.get("check")
     if check is not None:
         line += f"; check {'passed' if check['passed'] else 'FAILED'}: {check['message']}"

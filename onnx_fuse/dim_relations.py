@@ -121,6 +121,13 @@ def find_relations(model: onnx.ModelProto, branches: dict[str, bool] | None = No
     return walk.facts
 
 
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
+    """Every tensor's dims as the walk finds them (Lin or None each; None: rank unknown)."""
+    walk = _Walk(model.graph, {})
+    walk.nodes(model.graph)
+    return {name: shape for name, (shape, _) in walk.info.items()}
+
+
 Dims = tuple  # of Lin | None
 _NONE = (None, None)
 

@@ -44,19 +44,26 @@ def plan_sizes(specs: list, facts: DimFacts, batch: int) -> Plan:
     dims of int sizes and str symbols, kind)."""
     declared = {(s.name, axis): d for s in specs for axis, d in enumerate(s.dims) if isinstance(d, str)}
     known, past = _roles(specs, facts, batch)
+    _settle(specs, facts, declared, known)
     seq = _new_tokens(specs, declared, known)
+    _settle(specs, facts, declared, known)
     past = past or _static_cache_past(specs, seq)
-    for _ in range(len(declared) + 1):  # each round sizes at least one slot, or stops
-        before = len(known)
-        known.update(facts.solve(known))
-        known.update(_by_declaration(specs, declared, known))
-        if len(known) == before:
-            break
     groups = _candidates(specs, declared, known, past, seq, batch)
     combos = itertools.islice(_by_deviation([len(options) for _, options in groups]), MAX_ATTEMPTS)
     assignments = [{**known, **{slot: options[i] for (slots, options), i in zip(groups, combo)
                                 for slot in slots}} for combo in combos]
     return Plan(assignments, past)
+
+
+def _settle(specs: list, facts: DimFacts, declared: dict, known: dict) -> None:
+    """Size what the graph's equations, then the declarations, determine; again until nothing
+    more is (each round sizes at least one slot, or stops)."""
+    for _ in range(len(declared) + 1):
+        before = len(known)
+        known.update(facts.solve(known))
+        known.update(_by_declaration(specs, declared, known))
+        if len(known) == before:
+            return
 
 
 def _roles(specs: list, facts: DimFacts, batch: int) -> tuple[dict[Slot, int], int]:

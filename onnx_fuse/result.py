@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .model_io import save_model
+from .model_io import SourceModel, save_model
 from .rewrite import Fused, Unfused
 
 
@@ -28,6 +28,9 @@ class FuseResult:
     source_path: str | None = None  # the file the model was read from, if any
     fused: list[Fused] = field(default_factory=list)
     unfused: list[Unfused] = field(default_factory=list)
+    # the model the pass rewrote and checked against: the input, or the input with
+    # exporter-broken ops repaired (repair.py)
+    source: SourceModel | None = None
 
     def save(self, path: str) -> None:
         """Write the model to `path` (never over the source file): a temporary file beside it,

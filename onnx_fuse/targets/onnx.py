@@ -128,8 +128,8 @@ def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     """RotaryEmbedding on 4-D [batch, heads, seq, head] input, the form TensorRT's parser takes:
     x before the head transpose is transposed there and back, a 3-D single head gets a heads axis.
     The caches and the [batch, seq] position ids are built once and shared by every layer."""
-    cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
-    sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
+    cos = rw.shared(("rope_cos", spec.cache_key), lambda: _cache(rw, "rope_cos_cache", spec.cos_cache, spec))
+    sin = rw.shared(("rope_sin", spec.cache_key), lambda: _cache(rw, "rope_sin_cache", spec.sin_cache, spec))
     # A 3-D x folds the heads into its batch, so q and k need position ids of their own.
     batch_of = id(spec.input) if spec.layout == "bsh" else None
     positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: _position_ids(spec, rw))
@@ -147,6 +147,16 @@ def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     x = rw.op("Unsqueeze", [spec.input, heads_axis], dtype=spec.input.dtype)
     y = rw.op("RotaryEmbedding", [x, cos, sin, positions], attrs, dtype=spec.input.dtype)
     rw.op("Squeeze", [y, heads_axis], outputs=[spec.output])
+
+
+def _cache(rw: Rewrite, name: str, table: np.ndarray, spec: RotarySpec) -> Tensor:
+    """A cos/sin cache of x's type. Tables evaluated wider than x (bfloat16 subgraphs are
+    evaluated in float32) are kept so and cast once in the graph, rounding where the original
+    rounded its float32 cos/sin."""
+    cache = rw.const(name, table)
+    if onnx.helper.np_dtype_to_tensor_dtype(table.dtype) == spec.dtype:
+        return cache
+    return rw.op("Cast", [cache], {"to": spec.dtype}, dtype=onnx.helper.tensor_dtype_to_np_dtype(spec.dtype))
 
 
 def _position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
