@@ -31,6 +31,7 @@ from . import runtime
 from .dim_relations import find_relations
 from .errors import first_line
 from .input_plan import branch_cases, plan_sizes
+from .widen import WidenError, has_bfloat16, widened, widened_inputs
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -72,11 +73,13 @@ class CheckResult:
     passed: bool
     outputs: dict[str, OutputDiff]  # every output of the reference model
     message: str  # one line, for humans
+    checked_as: str | None = None  # "float32": bfloat16 models were run widened (widen.py)
 
     def to_json(self) -> dict:
         """Plain JSON-able dict; inf/NaN (a missing or unrunnable output) become None,
         because JSON has no representation for them."""
-        return {
+        extra = {"checked_as": self.checked_as} if self.checked_as else {}
+        return extra | {
             "passed": self.passed,
             "outputs": {
                 name: {
@@ -261,10 +264,11 @@ def _kind(spec: _Input) -> str:
 def _gather_table_rows(graph: onnx.GraphProto) -> dict[str, int]:
     """For each graph input used (through shape-only ops) as Gather indices into a constant
     table, the number of rows of the smallest such table: the valid index range."""
-    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    scopes = list(_scopes(graph))
+    shapes = {t.name: list(t.dims) for scope in scopes for t in scope.initializer}
     producer: dict[str, onnx.NodeProto] = {}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in _nodes_in_every_scope(graph):
+    for node in (node for scope in scopes for node in scope.node):
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
@@ -296,14 +300,14 @@ def _gather_table_rows(graph: onnx.GraphProto) -> dict[str, int]:
     return {value.name: r for value in graph.input if (r := rows(value.name)) is not None}
 
 
-def _nodes_in_every_scope(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """The graph's nodes and those of its If/Loop/Scan bodies (which read outer tensors: the
-    embedding of optimum's merged decoder sits in its branches)."""
+def _scopes(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and its If/Loop/Scan bodies, which read outer tensors (the embedding of
+    optimum's merged decoder sits in its branches)."""
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _nodes_in_every_scope(body)
+                yield from _scopes(body)
 
 
 def _fill(specs: list[_Input], sizes: dict[tuple[str, int], int], past: int, seed: int,
@@ -373,14 +377,30 @@ def check_equivalent(
     candidate that fails to load or run is a failed check, not an exception; a reference that
     fails raises CheckError.
     """
+    if inputs is None and reference_outputs is not None:
+        raise ValueError("reference_outputs given without the inputs they were computed from")
+    widen = has_bfloat16(reference.model) or has_bfloat16(candidate.model)
+    if widen:  # onnxruntime's CPU provider cannot run bfloat16: both run as float32
+        reference, candidate = runnable_as_float32(reference), runnable_as_float32(candidate)
+        inputs = None if inputs is None else widened_inputs(inputs)
     if inputs is None:
-        if reference_outputs is not None:
-            raise ValueError("reference_outputs given without the inputs they were computed from")
         cases = synthesize_cases(reference, seed=seed)
     else:
         cases = [InputCase(inputs, reference_outputs)]
-    return merge_results([check_case(reference, candidate, case) for case in cases],
-                         [case.label for case in cases])
+    outcome = merge_results([check_case(reference, candidate, case) for case in cases],
+                            [case.label for case in cases])
+    outcome.checked_as = "float32" if widen else None
+    return outcome
+
+
+def runnable_as_float32(model: ModelRef) -> ModelRef:
+    """A bfloat16 model widened to float32 (widen.py), as onnxruntime's CPU provider runs it."""
+    if not has_bfloat16(model.model):
+        return model
+    try:
+        return ModelRef(widened(model.model, model.base_dir), model.base_dir)
+    except WidenError as exc:
+        raise CheckError(f"cannot check the bfloat16 model as float32: {exc}") from None
 
 
 def check_case(reference: ModelRef, candidate: ModelRef, case: InputCase) -> CheckResult:

@@ -142,13 +142,16 @@ class _Walk:
         self.origin: dict[str, str] = {}  # tensor -> the graph input it is a cast/copy of
         self.inferred = {v.name: v for v in graph.value_info}
         initialized = {t.name for t in graph.initializer}
-        for tensor in graph.initializer:
-            self.info[tensor.name] = _constant_info(numpy_helper.to_array(tensor)
-                                                    if _loadable(tensor) else None, tensor.dims)
+        self.constants(graph)
         for value in graph.input:
             if value.name not in initialized:
                 self.origin[value.name] = value.name
                 self.info[value.name] = (_input_dims(value), None)
+
+    def constants(self, graph: onnx.GraphProto) -> None:
+        for tensor in graph.initializer:
+            self.info[tensor.name] = _constant_info(numpy_helper.to_array(tensor)
+                                                    if _loadable(tensor) else None, tensor.dims)
 
     def nodes(self, graph: onnx.GraphProto) -> None:
         for node in graph.node:
@@ -580,6 +583,7 @@ def _if(walk, node, ins):
     if condition not in walk.branches:
         return None
     branch = _attr(node, "then_branch" if walk.branches[condition] else "else_branch")
+    walk.constants(branch)
     walk.nodes(branch)
     return [walk.info.get(out.name, _NONE) for out in branch.output]
 

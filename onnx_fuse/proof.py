@@ -39,9 +39,8 @@ class Prover:
         cases = self.input_cases()
         outcome = merge_results([check_case(reference, self.runnable(model), c) for c in cases],
                                 [c.label for c in cases])
+        outcome.checked_as = self.checked_as
         self.last = outcome.to_json()
-        if self.checked_as:
-            self.last["checked_as"] = self.checked_as
         if not outcome.passed:
             raise CheckFailed(f"{what} does not match the input model: {outcome.message}", self.last)
 
@@ -57,6 +56,7 @@ class Prover:
         labels = [f"batch 1 {c.label}".strip() for c in single] + ["batch 2, row by row"] * (
             len(results) - len(single))
         outcome = merge_results(results, labels)
+        outcome.checked_as = self.checked_as
         self.last = outcome.to_json()
         if not outcome.passed:
             raise CheckFailed(f"the repaired model does not match the input model: {outcome.message}",
@@ -66,15 +66,10 @@ class Prover:
 
     def runnable(self, model: onnx.ModelProto):
         """`model` as onnxruntime's CPU provider can run it (widened when the source is bf16)."""
-        from .check import CheckError, ModelRef
-        from .widen import WidenError, widened
+        from .check import ModelRef, runnable_as_float32
 
-        if not self.checked_as:
-            return ModelRef(model, self.source.base_dir)
-        try:
-            return ModelRef(widened(model, self.source.base_dir), self.source.base_dir)
-        except WidenError as exc:
-            raise CheckError(f"cannot check the bfloat16 model as float32: {exc}") from None
+        ref = ModelRef(model, self.source.base_dir)
+        return runnable_as_float32(ref) if self.checked_as else ref
 
     def reference(self):
         if self._reference is None:
