@@ -67,24 +67,43 @@ def _settle(specs: list, facts: DimFacts, declared: dict, known: dict) -> None:
 
 
 def _roles(specs: list, facts: DimFacts, batch: int) -> tuple[dict[Slot, int], int]:
+    """Batch, past and image slots; a name given a size keeps it in every slot of that name
+    (the first role found wins: a Concat's past before a layout's guess)."""
     known: dict[Slot, int] = {}
+    named: dict[str, int] = {}
+
+    def assign(spec, axis: int, size: int) -> None:
+        name = spec.dims[axis]
+        if isinstance(name, str):
+            known[spec.name, axis] = named.setdefault(name, size) if _simple(name) else size
+
     growing = [(s, axis) for s in specs for axis in range(len(s.dims)) if (s.name, axis) in facts.growing]
     static_past = [s.dims[axis] for s, axis in growing if isinstance(s.dims[axis], int)]
     past = min(static_past) if static_past else PAST if growing else 0
     for spec, axis in growing:
-        if isinstance(spec.dims[axis], str):
-            known[spec.name, axis] = past
+        assign(spec, axis, past)
     for spec in specs:
-        dims = spec.dims
-        if len(dims) >= 2 and _simple(dims[0]):
-            known[spec.name, 0] = batch
-        if len(dims) == 4 and _is_float(spec) and isinstance(dims[1], int):
-            cache = isinstance(dims[3], int) and _simple(dims[2])
-            if cache and not growing and spec.name in facts.read:  # no Concat found: by layout
-                known[spec.name, 2] = past = PAST
-            elif not cache and _simple(dims[2]) and _simple(dims[3]):  # [batch, channels, h, w]
-                known[spec.name, 2] = known[spec.name, 3] = IMAGE_SIDE
+        if len(spec.dims) >= 2 and _simple(spec.dims[0]):
+            assign(spec, 0, batch)
+        layout = _layout(spec)
+        if layout == "cache" and not growing and spec.name in facts.read:  # no Concat found
+            past = PAST
+            assign(spec, 2, PAST)
+        elif layout == "image":
+            assign(spec, 2, IMAGE_SIDE)
+            assign(spec, 3, IMAGE_SIDE)
     return known, past
+
+
+def _layout(spec) -> str | None:
+    """A 4-D float input with static dim 1: a KV cache [batch, heads, past, head_dim] when its
+    last dim is static too, else an image [batch, channels, height, width]."""
+    dims = spec.dims
+    if len(dims) != 4 or not _is_float(spec) or not isinstance(dims[1], int) or not _simple(dims[2]):
+        return None
+    if isinstance(dims[3], int):
+        return "cache"
+    return "image" if _simple(dims[3]) else None
 
 
 def _new_tokens(specs: list, declared: dict, known: dict) -> int:
