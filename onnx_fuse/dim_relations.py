@@ -138,6 +138,7 @@ class _Walk:
     def __init__(self, graph: onnx.GraphProto, branches: dict[str, bool]):
         self.branches = branches
         self.facts = DimFacts()
+        self.seen: set[Lin] = set()  # equations recorded (each layer repeats its own)
         self.info: dict[str, tuple] = {}
         self.origin: dict[str, str] = {}  # tensor -> the graph input it is a cast/copy of
         self.inferred = {v.name: v for v in graph.value_info}
@@ -175,8 +176,10 @@ class _Walk:
         """Two dims an op needs equal (a 1 may broadcast instead)."""
         if a is None or b is None or a.is_const(1) or b.is_const(1):
             return
-        if (a - b).terms:
-            self.facts.equations.append(a - b)
+        difference = a - b
+        if difference.terms and difference not in self.seen:
+            self.seen.add(difference)
+            self.facts.equations.append(difference)
 
     def broadcast(self, shapes: list) -> Dims | None:
         if any(s is None for s in shapes):
