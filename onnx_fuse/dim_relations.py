@@ -18,6 +18,7 @@ checker, whose run of the reference must still accept it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable
@@ -205,7 +206,7 @@ class _Walk:
 
 
 def _loadable(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(tensor.dims)) <= _SMALL
+    return tensor.data_location != onnx.TensorProto.EXTERNAL and math.prod(tensor.dims) <= _SMALL
 
 
 def _input_dims(value: onnx.ValueInfoProto) -> Dims | None:
