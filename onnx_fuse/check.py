@@ -383,6 +383,7 @@ def check_equivalent(
     if widen:  # onnxruntime's CPU provider cannot run bfloat16: both run as float32
         reference, candidate = runnable_as_float32(reference), runnable_as_float32(candidate)
         inputs = None if inputs is None else widened_inputs(inputs)
+        reference_outputs = None if reference_outputs is None else widened_inputs(reference_outputs)
     if inputs is None:
         cases = synthesize_cases(reference, seed=seed)
     else:

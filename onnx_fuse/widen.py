@@ -57,7 +57,7 @@ def widened(model: onnx.ModelProto, base_dir: str | None) -> onnx.ModelProto:
 
 
 def widened_inputs(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inputs for a widened model: bfloat16 arrays as float32 (exact)."""
+    """Arrays for (or from) a widened model: bfloat16 ones as float32 (exact)."""
     return {name: value.astype(np.float32) if value.dtype.name == "bfloat16" else value
             for name, value in inputs.items()}
 
