@@ -1007,9 +1007,12 @@ REGISTRY += [
         notes="encoder with RoPE (global layers rope_theta 160000, local 10000); layer 0 global, layer 1 local "
               "(|i - j| <= local_attention // 2 = 2) on top of the padding mask; LayerNorm without bias; "
               "output last_hidden_state only",
-        extra_truth=lambda c: {"sliding_window": c.local_attention,
-                               "sliding_window_semantics": "bidirectional local window: query i attends keys j with "
-                                                           "|i - j| <= local_attention // 2 (plus padding)",
+        extra_truth=lambda c: {"sliding_window": None,  # not a causal window: see local_window
+                               "local_window": {"type": "bidirectional", "half_width": c.local_attention // 2,
+                                                "local_attention": c.local_attention},
+                               "sliding_window_semantics": "bidirectional local window on the local layers: query i "
+                                                           "attends keys j with |i - j| <= local_attention // 2 "
+                                                           "(plus padding); no causal window",
                                "local_attention": c.local_attention, "causal": False,
                                "rope_theta_per_layer_type": {k: v["rope_theta"] for k, v in c.rope_parameters.items()},
                                **_sliding_truth(c)},
@@ -1063,8 +1066,8 @@ REGISTRY += [
         position_embedding="learned_absolute", attn_impls=("sdpa",),
         notes="BART decoder step: decoder attention_mask [B, past + S], encoder_hidden_states + "
               "encoder_attention_mask for the cross-attention; learned positions (offset 2) from the past length; "
-              "q scaled after q_proj",
-        extra_truth=lambda c: {**_decoder_cross_truth(c), "scale_applied_to": "query"},
+              "scale head_dim**-0.5 passed to the attention call (not applied to q_proj, unlike Whisper)",
+        extra_truth=_decoder_cross_truth,
         **_NEW),
 ]
 
@@ -1597,14 +1600,19 @@ _DROP_METADATA = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy"
 def _strip_metadata(path: str) -> None:
     """The dynamo exporter stores per-node python stack traces containing absolute
     paths of this machine; drop them (size + reproducibility), and the class
-    hierarchy / name scopes, which duplicate 'namespace'.  'namespace' (which
+    hierarchy / name scopes, which duplicate 'namespace', and memory addresses
+    (``<function sym_max at 0x...>``) from the kept values.  'namespace' (which
     nn.Module, e.g. ``model.model.layers.0.self_attn``, each node came from)
     and 'pkg.torch.onnx.fx_node' are kept."""
     import onnx
 
+    import re
+
     m = onnx.load(path)
     for node in m.graph.node:
         keep = [p for p in node.metadata_props if p.key not in _DROP_METADATA]
+        for p in keep:  # "<function sym_max at 0x7f...>": a memory address, different every run
+            p.value = re.sub(r" at 0x[0-9a-f]+>", ">", p.value)
         del node.metadata_props[:]
         node.metadata_props.extend(keep)
     onnx.save(m, path)
@@ -1924,6 +1932,12 @@ def _fmt_shape(d: dict) -> str:
 
 
 def main(argv=None):
+    # transformers iterates sets of strings while tracing (ModernBERT: `for layer_type in
+    # set(config.layer_types)` computes its two RoPE tables in set order), so the graphs depend on
+    # the string hash seed: fix it by re-running under PYTHONHASHSEED=0
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--only", nargs="*", default=None, help="spec names to (re)build")
