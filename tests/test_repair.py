@@ -137,3 +137,15 @@ def test_committed_opset_23_exports_run_at_batch_two_after_fuse(name):
     if truth["attn_implementation"] == "eager":  # SDPA exports carry ONNX Attention already
         assert report["counts"].get("attention") == truth["attention_cores"]
         assert report["check"]["passed"], report["check"]["message"]
+
+
+def test_the_command_says_what_it_repaired(capsys, tmp_path):
+    from onnx_fuse import cli
+
+    name = os.path.join(MODELS, OPSET_23_ROPE[0])
+    assert cli.main(["inspect", name]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  repairs ")]
+    assert len(listed) == MANIFEST[OPSET_23_ROPE[0]]["rope_applications"]
+    assert cli.main(["fuse", name, "-o", str(tmp_path / "out.onnx")]) == 0
+    assert "repaired 4 exporter-written node(s)" in capsys.readouterr().out
+    assert runs_at(onnx.load(tmp_path / "out.onnx"), 2)
