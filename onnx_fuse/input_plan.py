@@ -2,11 +2,11 @@
 
 Every symbolic input dim is a slot (input name, axis), sized in this order:
 1. roles: batch (axis 0 of inputs of rank 2 and more), the past (the axis along which an input
-   is concatenated with new entries: a growing KV cache, dim_relations.py; its declared size when
-   static, as HF's sliding-window cache has it), image sides, the new tokens (the first dim of the
-   token ids the roles left);
-2. what the graph's equations give once those are known (dim_relations.DimFacts.solve);
-3. the size of another slot of the same declared name, and declared expressions ("past + seq");
+   is concatenated with other entries: a growing KV cache, dim_relations.py; its declared size
+   when static, as HF's sliding-window cache has it), image sides;
+2. what the graph's equations give once those are known (dim_relations.DimFacts.solve), then the
+   size of another slot of the same declared name and declared expressions ("past + seq");
+3. the new tokens: the first slot of the token ids still unsized, and 2. again;
 4. candidates, tried in order on the reference: a mask's length past + new first (what Hugging
    Face always feeds, whatever the export declared), anything else a size of its own first, so
    that a rewrite mixing up two axes cannot pass by accident.
@@ -25,10 +25,10 @@ import onnx
 from .dim_relations import DimFacts, Slot
 from .dims import dim_symbols, eval_dim
 
-PAST = 3  # a non-empty KV cache, so the cache path is exercised
-SEQ = 5
-IMAGE_SIDE = 224  # vision models with dynamic height/width usually need the trained size
-MAX_ATTEMPTS = 32  # size assignments tried on the reference before giving up
+_PAST = 3  # a non-empty KV cache, so the cache path is exercised
+_SEQ = 5
+_IMAGE_SIDE = 224  # vision models with dynamic height/width usually need the trained size
+_MAX_ATTEMPTS = 32  # size assignments tried on the reference before giving up
 _MAX_BRANCH_INPUTS = 3  # boolean If conditions whose every combination is checked
 _CONDITION_PASSTHROUGH = {"Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"}
 
@@ -49,7 +49,7 @@ def plan_sizes(specs: list, facts: DimFacts, batch: int) -> Plan:
     _settle(specs, facts, declared, known)
     past = past or _static_cache_past(specs, seq)
     groups = _candidates(specs, declared, known, past, seq, batch)
-    combos = itertools.islice(_by_deviation([len(options) for _, options in groups]), MAX_ATTEMPTS)
+    combos = itertools.islice(_by_deviation([len(options) for _, options in groups]), _MAX_ATTEMPTS)
     assignments = [{**known, **{slot: options[i] for (slots, options), i in zip(groups, combo)
                                 for slot in slots}} for combo in combos]
     return Plan(assignments, past)
@@ -79,7 +79,7 @@ def _roles(specs: list, facts: DimFacts, batch: int) -> tuple[dict[Slot, int], i
 
     growing = [(s, axis) for s in specs for axis in range(len(s.dims)) if (s.name, axis) in facts.growing]
     static_past = [s.dims[axis] for s, axis in growing if isinstance(s.dims[axis], int)]
-    past = min(static_past) if static_past else PAST if growing else 0
+    past = min(static_past) if static_past else _PAST if growing else 0
     for spec, axis in growing:
         assign(spec, axis, past)
     for spec in specs:
@@ -87,11 +87,11 @@ def _roles(specs: list, facts: DimFacts, batch: int) -> tuple[dict[Slot, int], i
             assign(spec, 0, batch)
         layout = _layout(spec)
         if layout == "cache" and not growing and spec.name in facts.read:  # no Concat found
-            past = PAST
-            assign(spec, 2, PAST)
+            past = _PAST
+            assign(spec, 2, _PAST)
         elif layout == "image":
-            assign(spec, 2, IMAGE_SIDE)
-            assign(spec, 3, IMAGE_SIDE)
+            assign(spec, 2, _IMAGE_SIDE)
+            assign(spec, 3, _IMAGE_SIDE)
     return known, past
 
 
@@ -108,16 +108,16 @@ def _layout(spec) -> str | None:
 
 def _new_tokens(specs: list, declared: dict, known: dict) -> int:
     """The new tokens' count: the first slot left of the token ids (then of any input but a
-    mask, whose length may include the past) gets SEQ; a decode step whose ids are [batch, 1]
+    mask, whose length may include the past) gets _SEQ; a decode step whose ids are [batch, 1]
     has it fixed."""
     ordered = sorted((s for s in specs if s.kind != "mask"), key=lambda s: s.kind != "ids")
     free = [(s.name, axis) for s in ordered for axis, d in enumerate(s.dims)
             if (s.name, axis) in declared and (s.name, axis) not in known and _simple(d)]
     if free:
-        known[free[0]] = SEQ
-        return SEQ
+        known[free[0]] = _SEQ
+        return _SEQ
     lengths = (s.dims[-1] for s in ordered if s.kind in ("ids", "position") and s.dims)
-    return next((n for n in lengths if isinstance(n, int)), SEQ)
+    return next((n for n in lengths if isinstance(n, int)), _SEQ)
 
 
 def _static_cache_past(specs: list, seq: int) -> int:
@@ -126,7 +126,7 @@ def _static_cache_past(specs: list, seq: int) -> int:
     static = [s.dims[2] for s in specs if len(s.dims) == 4 and _is_float(s)
               and all(isinstance(d, int) for d in s.dims[1:])]
     if static and any(s.kind == "position" and len(s.dims) == 1 for s in specs):
-        return min(PAST, max(0, min(static) - seq))
+        return min(_PAST, max(0, min(static) - seq))
     return 0
 
 
