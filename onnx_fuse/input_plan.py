@@ -41,7 +41,16 @@ class Plan:
 
 def plan_sizes(specs: list, facts: DimFacts, batch: int) -> Plan:
     """Size assignments for the symbolic dims of `specs` (check.py's input specs: name, dtype,
-    dims of int sizes and str symbols, kind)."""
+    dims of int sizes and str symbols, kind). Those that follow the graph's equations come
+    first; then, in case an equation assumed too much (a Slice bound within its dim), those
+    without them."""
+    planned = _plan(specs, facts, batch)
+    unrelated = _plan(specs, DimFacts(growing=facts.growing, read=facts.read), batch)
+    extra = [a for a in unrelated.assignments if a not in planned.assignments]
+    return Plan((planned.assignments + extra)[:_MAX_ATTEMPTS], planned.past)
+
+
+def _plan(specs: list, facts: DimFacts, batch: int) -> Plan:
     declared = {(s.name, axis): d for s in specs for axis, d in enumerate(s.dims) if isinstance(d, str)}
     known, past = _roles(specs, facts, batch)
     _settle(specs, facts, declared, known)

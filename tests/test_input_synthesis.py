@@ -86,6 +86,19 @@ def test_equations_that_contradict_what_is_known_are_ignored():
     assert facts.solve({}) == {}  # 2a = 5: no positive integer
 
 
+def test_sizes_without_the_equations_are_tried_when_one_assumed_too_much():
+    # y = x[:, :L + 1] is x itself (a Slice end is clamped to the dim); the walk takes it as
+    # L + 1 long, so y + c asks c for L + 1. The declared names (c as long as x) are right.
+    g = GraphBuilder()
+    x, c = g.input("x", FLOAT, ["batch", "L"]), g.input("c", FLOAT, ["batch", "L"])
+    end = g.op("Add", g.op("Shape", x, start=1, end=2), g.const([1], np.int64))
+    y = g.op("Slice", x, g.const([0], np.int64), end, g.const([1], np.int64))
+    model = g.model(g.op("Add", y, c))
+    assert find_relations(model).solve({("x", 1): 5}).get(("c", 1)) == 6  # the wrong guess
+    inputs = synthesize_inputs(ModelRef(model))
+    assert inputs["c"].shape == inputs["x"].shape
+
+
 def merged_decoder(declared_mask=("batch", "seq")) -> onnx.ModelProto:
     """optimum's merged decoder: one If on use_cache_branch; the cached branch needs the mask as
     long as past + new, the first step as long as the new tokens; the mask is declared like the
