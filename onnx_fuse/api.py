@@ -95,4 +95,4 @@ def _fuse_static(source: SourceModel, target, check: bool, inputs, apply: bool, 
     layout = kv_static.plan(source, max_cache_len, check)
     options = Options(max_positions=max_positions or max_cache_len)
     fused = fuse_source(source, target, options, Prover(source, None) if check else None)
-    return kv_static.make_static(source, fused, target, layout, max_cache_len, check)
+    return kv_static.make_static(fused.source or source, fused, target, layout, max_cache_len, check)

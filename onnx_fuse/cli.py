@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         return _error(str(exc), EXIT_BAD_INPUT)
     try:
-        with warnings.catch_warnings(), _native_stderr_silenced() as terminal, \
+        with warnings.catch_warnings(), _native_stderr_silenced() as terminal, _graphsurgeon_quiet(), \
                 progress.shown(terminal, quiet=getattr(args, "quiet", False)):
             if not os.environ.get("ONNX_FUSE_DEBUG"):
                 warnings.simplefilter("ignore")  # library warnings would add lines to stderr
@@ -88,6 +88,22 @@ def _native_stderr_silenced():
             pass
         os.dup2(saved, 2)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def _graphsurgeon_quiet():
+    """onnx-graphsurgeon prints its warnings to stdout (e.g. one per bfloat16 constant it reads);
+    the command's output is its own summary. ONNX_FUSE_DEBUG keeps them."""
+    if os.environ.get("ONNX_FUSE_DEBUG"):
+        yield
+        return
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    saved, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = saved
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,6 +264,8 @@ def _inspect(args) -> int:
         print(f"  fuses   {fused['rule']:<10} at {fused['anchor']}: {details}")
     for miss in report["unfused"]:
         print(f"  unfused {miss['pattern']:<10} at {miss['anchor']}: {miss['reason']}")
+    for repair in report.get("repairs", []):
+        print(f"  repairs {repair['op']} '{repair['node']}': {repair['problem']}; {repair['fix']}")
     return EXIT_OK
 
 
@@ -322,9 +340,12 @@ def _summary(report: dict) -> str:
     line = f"fused: {counts}; unfused candidates: {len(report['unfused'])}"
     if opset["to"] != opset["from"]:
         line += f"; opset {opset['from']} -> {opset['to']}"
+    if report.get("repairs"):
+        line += f"; repaired {len(report['repairs'])} exporter-written node(s)"
     check = report.get("check")
     if check is not None:
-        line += f"; check {'passed' if check['passed'] else 'FAILED'}: {check['message']}"
+        widened = f" (as {check['checked_as']})" if check.get("checked_as") else ""
+        line += f"; check {'passed' if check['passed'] else 'FAILED'}{widened}: {check['message']}"
     return line
 
 

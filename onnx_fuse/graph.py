@@ -437,7 +437,8 @@ def dim_product(*dims) -> int | str | None:
 
 def is_integer(tensor: Tensor) -> bool:
     """The tensor's element type is known and an integer type."""
-    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+    dtype = onnx_dtype(tensor)  # graphsurgeon keeps types numpy lacks (bfloat16) as ONNX enums
+    return dtype is not None and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(dtype), np.integer)
 
 
 def np_dtype(tensor: Tensor):

@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx
 
-from .model_io import save_model
+from .model_io import SourceModel, save_model
 from .rewrite import Fused, Unfused
 
 
@@ -33,6 +33,9 @@ class FuseResult:
     source_path: str | None = None  # the file the model was read from, if any
     fused: list[Fused] = field(default_factory=list)
     unfused: list[Unfused] = field(default_factory=list)
+    # the model the pass rewrote and checked against: the input, or the input with
+    # exporter-broken ops repaired (repair.py)
+    source: SourceModel | None = None
     proto: onnx.ModelProto | None = None
 
     def __post_init__(self):

@@ -427,7 +427,9 @@ def _derived_from(graph: Graph, tensor: Tensor, source: Tensor, limit: int = 64)
 
 # --- numerical verification ------------------------------------------------------------------
 
-_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.DOUBLE: 1e-8}
+# bfloat16 subgraphs are verified widened to float32 (verify.session), with float32's tolerance.
+_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.DOUBLE: 1e-8,
+              onnx.TensorProto.BFLOAT16: 1e-4}
 _BATCH, _SEQ_LENGTHS, _HEADS = 2, (1, 5), 3
 
 

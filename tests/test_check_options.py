@@ -186,7 +186,8 @@ def test_fuse_checks_every_polygraphy_feed(capfd, tmp_path):
                             "--report", report)
     assert code == 0, err
     check = json.loads(report.read_text())["check"]
-    assert check["passed"] and check["feeds"] == 2 and check["message"].startswith("2 feeds: ")
+    assert check["passed"] and check["input_sets"] == 2
+    assert check["message"].endswith("with each input set (feed 0; feed 1)")
     assert check["inputs"] == {"input_ids": [2, 7], "attention_mask": [2, 7]}
 
 

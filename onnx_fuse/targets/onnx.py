@@ -167,8 +167,8 @@ def _rotary_tables(spec: RotarySpec, rw: Rewrite) -> list[Tensor]:
         key = ("rope_per_token", spec.cache_key, spec.layout)
         return [rw.shared((*key, which), lambda t=table: _per_token(spec, t, rw))
                 for which, table in (("cos", spec.cos), ("sin", spec.sin))]
-    cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
-    sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
+    cos = rw.shared(("rope_cos", spec.cache_key), lambda: _cache(rw, "rope_cos_cache", spec.cos_cache, spec))
+    sin = rw.shared(("rope_sin", spec.cache_key), lambda: _cache(rw, "rope_sin_cache", spec.sin_cache, spec))
     # A 3-D x folds the heads into its batch, so q and k need position ids of their own.
     batch_of = id(spec.input) if spec.layout == "bsh" else None
     positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: _position_ids(spec, rw))
@@ -196,6 +196,16 @@ def _per_token(spec: RotarySpec, table: Tensor, rw: Rewrite) -> Tensor:
     batch = rw.op("Shape", [spec.input], {"start": 0, "end": 1}, dtype=np.int64)
     target = rw.op("Concat", [batch, rw.const("rope_ones", np.ones(2, np.int64))], {"axis": 0}, dtype=np.int64)
     return rw.op("Expand", [pairs, target], dtype=table.dtype)
+
+
+def _cache(rw: Rewrite, name: str, table: np.ndarray, spec: RotarySpec) -> Tensor:
+    """A cos/sin cache of x's type. Tables evaluated wider than x (bfloat16 subgraphs are
+    evaluated in float32) are kept so and cast once in the graph, rounding where the original
+    rounded its float32 cos/sin."""
+    cache = rw.const(name, table)
+    if onnx.helper.np_dtype_to_tensor_dtype(table.dtype) == spec.dtype:
+        return cache
+    return rw.op("Cast", [cache], {"to": spec.dtype}, dtype=onnx.helper.tensor_dtype_to_np_dtype(spec.dtype))
 
 
 def _position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
