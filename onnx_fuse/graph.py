@@ -114,24 +114,22 @@ class Graph:
     def _refine_shapes(self) -> None:
         """One forward pass in graph order: static dims that shape inference missed."""
         for node in self.all_nodes:
-            if len(node.outputs) != 1 or node.op not in _DERIVED:
+            if node.op not in _DERIVED or len(node.outputs) != 1 and node.op != "Split":
                 continue
-            inferred = node.outputs[0].shape
-            if inferred is not None and all(isinstance(d, int) for d in inferred):
+            if all(o.shape is not None and all(isinstance(d, int) for d in o.shape) for o in node.outputs):
                 continue  # fully static already: nothing to fill in
             try:
-                derived = _derive_shape(self, node)
+                derived = _split_shapes(self, node) if node.op == "Split" else [_derive_shape(self, node)]
             except (ValueError, TypeError, IndexError, KeyError, AttributeError):
                 derived = None
-            if derived is None:
-                continue
-            out = node.outputs[0]
-            inferred = out.shape
-            if inferred is not None:
-                if len(inferred) != len(derived):
+            for out, shape in zip(node.outputs, derived or []):
+                if shape is None:
                     continue
-                derived = [_merge_dim(i, d) for i, d in zip(inferred, derived)]
-            self._shapes[id(out)] = tuple(derived)
+                if out.shape is not None:
+                    if len(out.shape) != len(shape):
+                        continue
+                    shape = [_merge_dim(i, d) for i, d in zip(out.shape, shape)]
+                self._shapes[id(out)] = tuple(shape)
 
 
     # --- constant values -------------------------------------------------------------------
@@ -293,10 +291,13 @@ class FreshNames:
 
 
 _SAME_SHAPE = {"Cast", "Neg", "Sqrt", "Relu", "Softmax", "Identity", "Tanh", "Sigmoid", "Exp",
-               "Erf", "Not", "IsNaN", "IsInf", "Reciprocal", "CastLike", "Abs", "Log", "Sin", "Cos"}
+               "Erf", "Not", "IsNaN", "IsInf", "Reciprocal", "CastLike", "Abs", "Log", "Sin", "Cos",
+               "ScatterND", "ScatterElements"}  # a scatter's output is shaped like its data
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "And", "Or", "Equal", "Less",
               "LessOrEqual", "Greater", "GreaterOrEqual", "Where", "Xor", "Mod"}
-_DERIVED = _SAME_SHAPE | _BROADCAST | {"Transpose", "MatMul", "Reshape", "Expand", "Slice", "Concat"}  # see _derive_shape
+_DERIVED = _SAME_SHAPE | _BROADCAST | {"Transpose", "MatMul", "Reshape", "Expand", "Slice", "Concat",
+                                       "Split", "Squeeze", "Unsqueeze", "ConstantOfShape"}
+# (see _derive_shape, _split_shapes)
 
 
 def _merge_dim(inferred, derived):
@@ -381,7 +382,44 @@ def _derive_shape(graph: Graph, node: Node) -> tuple | None:
         return tuple(out)
     if node.op == "Slice" and shapes[0] is not None and len(node.inputs) >= 3:
         return _sliced_shape(graph, node, shapes[0])
+    if node.op in ("Squeeze", "Unsqueeze") and shapes[0] is not None:
+        return _squeezed_shape(graph, node, shapes[0])
+    if node.op == "ConstantOfShape":
+        dims = graph.dims(node.inputs[0])
+        return None if dims is None else tuple(None if isinstance(d, int) and d < 0 else d for d in dims)
     return None
+
+
+def _squeezed_shape(graph: Graph, node: Node, shape: tuple) -> tuple | None:
+    """Squeeze / Unsqueeze with constant axes (an input from opset 13, an attribute before)."""
+    axes = graph.value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("axes")
+    if axes is None:
+        return None
+    axes = [int(a) for a in np.ravel(axes)]
+    if node.op == "Squeeze":
+        dropped = {a % len(shape) for a in axes}
+        if any(shape[a] not in (1, None) for a in dropped):
+            return None
+        return tuple(d for i, d in enumerate(shape) if i not in dropped)
+    rank = len(shape) + len(axes)
+    inserted = {a % rank for a in axes}
+    rest = iter(shape)
+    return tuple(1 if i in inserted else next(rest) for i in range(rank))
+
+
+def _split_shapes(graph: Graph, node: Node) -> list[tuple | None]:
+    """Each Split output's dims: the input's, the split axis cut by the sizes (or evenly)."""
+    shape = graph.shape(node.inputs[0])
+    if shape is None:
+        return []
+    axis = node.attrs.get("axis", 0) % len(shape)
+    sizes = graph.value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("split")
+    parts = len(node.outputs)
+    if sizes is None:
+        sizes = [shape[axis] // parts] * parts if isinstance(shape[axis], int) and shape[axis] % parts == 0 \
+            else [None] * parts
+    return [tuple(shape[:axis]) + (None if size is None else int(size),) + tuple(shape[axis + 1:])
+            for size in np.ravel(sizes)] if len(np.ravel(sizes)) == parts else []
 
 
 def _sliced_shape(graph: Graph, node: Node, shape: tuple) -> tuple | None:

@@ -29,12 +29,7 @@ def ops(model):
 
 # What onnx-fuse cannot do yet on some exports, each with the reason: the test expects these to
 # fail and fails when one starts passing (strict), so the list only ever shrinks.
-KNOWN_GAPS = {
-    "head counts left symbolic by TorchScript's shape inference are not recovered here yet":
-        ["deepseek-v3_decode_eager_torchscript.onnx", "deepseek-v3_decode_sdpa_torchscript.onnx",
-         "deepseek-v3_prefill_eager_torchscript.onnx", "modernbert_encoder_eager_torchscript.onnx",
-         "modernbert_encoder_sdpa_torchscript.onnx"],
-}
+KNOWN_GAPS: dict[str, list[str]] = {}
 GAP = {name: reason for reason, names in KNOWN_GAPS.items() for name in names}
 
 
