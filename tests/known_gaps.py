@@ -2,6 +2,15 @@
 xfail(strict=True), so a gap that closes fails the suite until it is taken off this list."""
 
 GAPS = {
+    "test_masks.py::test_classes_hold_on_the_full_model_at_other_sizes": (
+        "the checker sizes BART's encoder_attention_mask like the decoder's mask (past + new: 8), "
+        "not like encoder_hidden_states (7), which nothing in the graph ties it to; the test's "
+        "template then reads a column the model never uses",
+        ['bart-dec_decode-cross_sdpa_dynamo.onnx']),
+    "test_masks.py::test_mask_program_computes_what_the_model_computes": (
+        "the mask program of transformers' own exporter is sized by declared dim names, which do "
+        "not relate its mask length to the cache (masks.py does not use dim_relations yet)",
+        ['qwen3-moe_decode_sdpa_transformers.onnx']),
     "test_kv_cache.py::test_growing_caches_become_static": (
         'issue 10: --kv-cache static does not convert this export yet',
         ['deepseek-v3_decode_eager_dynamo.onnx',
@@ -24,62 +33,6 @@ GAPS = {
          'qwen3-moe_decode_eager_torchscript.onnx',
          'qwen3-moe_decode_sdpa_dynamo.onnx',
          'qwen3-moe_decode_sdpa_torchscript.onnx',
-         'qwen3-moe_decode_sdpa_transformers.onnx']),
-    "test_masks.py::test_classes_hold_on_the_full_model_at_other_sizes": (
-        'the test drives the full model at sizes its own input synthesis picks, which these exports reject or whose cores it does not find (sinks, routers, cross-attention)',
-        ['bart-dec_decode-cross_sdpa_dynamo.onnx',
-         'bart-dec_decode-cross_sdpa_torchscript.onnx',
-         'cohere_prefill_eager_torchscript.onnx',
-         'gpt-oss_decode_eager_dynamo.onnx',
-         'gpt-oss_decode_eager_torchscript.onnx',
-         'gpt-oss_prefill_eager_dynamo.onnx',
-         'gpt-oss_prefill_eager_torchscript.onnx',
-         'llama-gqa-op23_decode_eager_dynamo.onnx',
-         'qwen3-moe_decode_eager_dynamo.onnx',
-         'qwen3-moe_decode_eager_torchscript.onnx',
-         'qwen3-moe_decode_sdpa_dynamo.onnx',
-         'qwen3-moe_decode_sdpa_torchscript.onnx',
-         'qwen3-moe_decode_sdpa_transformers.onnx',
-         'qwen3-moe_prefill_eager_dynamo.onnx',
-         'qwen3-moe_prefill_eager_torchscript.onnx',
-         'qwen3-moe_prefill_sdpa_transformers.onnx']),
-    "test_masks.py::test_committed_models_classify_as_the_manifest_says": (
-        "the test derives expected mask classes for the original architectures only (sinks, MoE routers, cross-attention decoders, exporter-written Attention, masks sized by transformers' exporter are not modelled yet)",
-        ['bart-dec_decode-cross_sdpa_dynamo.onnx',
-         'bart-dec_decode-cross_sdpa_torchscript.onnx',
-         'gemma3_decode_sdpa_transformers.onnx',
-         'gemma3_prefill_sdpa_transformers.onnx',
-         'gpt-oss_decode_eager_dynamo.onnx',
-         'gpt-oss_decode_eager_torchscript.onnx',
-         'gpt-oss_prefill_eager_dynamo.onnx',
-         'gpt-oss_prefill_eager_torchscript.onnx',
-         'gpt2-op23_decode_sdpa_dynamo.onnx',
-         'llama-gqa-op23_decode_sdpa_dynamo.onnx',
-         'llama31_decode_sdpa_transformers.onnx',
-         'llama31_prefill_sdpa_transformers.onnx',
-         'mistral-swcache_decode_sdpa_dynamo.onnx',
-         'mistral-swcache_decode_sdpa_torchscript.onnx',
-         'modernbert_encoder_eager_dynamo.onnx',
-         'modernbert_encoder_eager_torchscript.onnx',
-         'modernbert_encoder_sdpa_dynamo.onnx',
-         'modernbert_encoder_sdpa_torchscript.onnx',
-         'optimum-llama_decode-merged_sdpa_optimum.onnx',
-         'qwen3-moe_decode_eager_dynamo.onnx',
-         'qwen3-moe_decode_eager_torchscript.onnx',
-         'qwen3-moe_decode_sdpa_dynamo.onnx',
-         'qwen3-moe_decode_sdpa_torchscript.onnx',
-         'qwen3-moe_decode_sdpa_transformers.onnx',
-         'qwen3-moe_prefill_eager_dynamo.onnx',
-         'qwen3-moe_prefill_eager_torchscript.onnx',
-         'qwen3-moe_prefill_sdpa_transformers.onnx',
-         'whisper-dec_decode-cross_eager_dynamo.onnx',
-         'whisper-dec_decode-cross_eager_torchscript.onnx']),
-    "test_masks.py::test_mask_program_computes_what_the_model_computes": (
-        "the test's probe does not handle these exports' inputs (bfloat16, If conditions, exporter-written ops)",
-        ['gemma3-bf16_decode_eager_torchscript.onnx',
-         'gpt-oss_decode_eager_dynamo.onnx',
-         'llama-gqa-op23_decode_eager_dynamo.onnx',
-         'qwen3-moe_decode_eager_torchscript.onnx',
          'qwen3-moe_decode_sdpa_transformers.onnx']),
     "test_target_trt11.py::test_every_committed_model_fuses_for_trt11_and_checks_through_the_bodies": (
         'the test expects every core as TRT_Attention; sinks, exporter-written ops, bfloat16 and If bodies are not handled by target trt11 or the test yet',
