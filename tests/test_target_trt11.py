@@ -49,7 +49,13 @@ def has_mask(node):
 
 
 def trt_nodes(model, op="TRT_Attention"):
-    return [n for n in model.graph.node if n.op_type == op]
+    """The model's nodes of `op`, those inside If/Loop/Scan bodies included."""
+    found, graphs = [], [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        found += [n for n in graph.node if n.op_type == op]
+        graphs.extend(a.g for n in graph.node for a in n.attribute if a.HasField("g"))
+    return found
 
 
 # --------------------------------------------------------------------------- function bodies
@@ -359,17 +365,39 @@ def expected_form(spec: AttentionSpec) -> tuple[str, bool]:
     return "none", True
 
 
-@pytest.mark.parametrize("name", sorted(MANIFEST))
+def runs_as_written(truth) -> bool:
+    """onnxruntime runs the export (bfloat16 ones widened); an exporter bug may stop it."""
+    return truth.get("ort_cpu_runs", True) is not False or truth.get("dtype") == "bfloat16"
+
+
+def source_ops(name) -> list[str]:
+    """The export's own op types, those of If/Loop/Scan bodies included."""
+    found, graphs = [], [onnx.load(os.path.join(MODELS, name)).graph]
+    while graphs:
+        graph = graphs.pop()
+        found += [n.op_type for n in graph.node]
+        graphs.extend(a.g for n in graph.node for a in n.attribute if a.HasField("g"))
+    return found
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(MANIFEST) if runs_as_written(MANIFEST[n])])
 def test_every_committed_model_fuses_for_trt11_and_checks_through_the_bodies(name):
+    """Every core becomes TRT_Attention but those with learned sinks (refused, saying why) and
+    those the exporter wrote as Attention itself (left as they are: TensorRT 11 parses them)."""
     truth = MANIFEST[name]
+    ops = source_ops(name)
     result = onnx_fuse.fuse(os.path.join(MODELS, name), target="trt11", max_positions=64)
     counts = result.report["counts"]
-    assert result.report["check"]["passed"], result.report["check"]["message"]
-    assert counts.get("attention") == truth["attention_cores"], result.report["unfused"]
-    assert counts.get("rope", 0) == truth["rope_applications"]
+    assert result.report["check"] is None or result.report["check"]["passed"], result.report["check"]["message"]
+    sinks = truth["attention_cores"] if truth.get("attention_sinks") else 0
+    expected = truth["attention_cores"] - ops.count("Attention") - sinks
+    assert counts.get("attention", 0) == expected, result.report["unfused"]
+    refused = [u["reason"] for u in result.report["unfused"] if u["pattern"] == "attention"]
+    assert len(refused) == sinks and all("sinks" in r for r in refused)
+    assert counts.get("rope", 0) == truth["rope_applications"] - ops.count("RotaryEmbedding")
     assert counts.get("kv_cache", 0) == truth["kv_cache_writes"] * (truth["kind"] == "decode_static")
-    assert counts.get("kv_cache", 0) == len(trt_nodes(result.model, "TRT_KVCacheUpdate"))
-    nodes = {n.name: n for n in trt_nodes(result.model)}
+    assert counts.get("kv_cache", 0) == len(trt_nodes(result.proto, "TRT_KVCacheUpdate"))
+    nodes = {n.name: n for n in trt_nodes(result.proto)}
     for fusion, spec in result.specs(AttentionSpec):
         (node,) = [nodes[n] for n in fusion.nodes if n in nodes] or [None]
         if spec.softcap:  # no softcap in TRT_Attention: the primitive causal form

@@ -37,6 +37,18 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     finish(spec, "Attention", inputs, attrs, rw)
 
 
+def scaled(x: Tensor, scale: float, dtype: int, rw: Rewrite) -> Tensor:
+    """x · scale, the way TensorRT wants Q pre-scaled. In float16 and bfloat16 the product is
+    taken in float32 and rounded once: a scale constant of x's own type would be rounded first
+    (the exports' sqrt(scale) on Q and on K, squared, is not a bfloat16 number)."""
+    if dtype in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        return rw.op("Mul", [x, rw.const("q_scale", np.array(scale, np_type))], dtype=np_type)
+    wide = rw.op("Cast", [x], {"to": onnx.TensorProto.FLOAT}, dtype=np.float32)
+    wide = rw.op("Mul", [wide, rw.const("q_scale", np.array(scale, np.float32))], dtype=np.float32)
+    return rw.op("Cast", [wide], {"to": dtype})
+
+
 def finish(spec: AttentionSpec, op_type: str, inputs: list, attrs: dict, rw: Rewrite, *,
            domain: str = "", dtype: int | None = None) -> None:
     """The last op of an attention (of `domain`, computing in `dtype`, default Q's), then what

@@ -45,7 +45,7 @@ from ..trt_schema import (DOMAIN, DOMAIN_VERSION, MULTIDEVICE_PREVIEW_FLAG, MULT
                           TRT_ATTENTION, TRT_KV_CACHE_UPDATE)
 from . import primitive_trt
 from .base import Proof, Target
-from .onnx import attention_mask, emit_rotary, finish, shared_write_indices
+from .onnx import attention_mask, emit_rotary, finish, scaled, shared_write_indices
 from .trt11_functions import attention_function, kv_cache_update_function
 
 _MULTIDEVICE_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -93,7 +93,7 @@ def _operands(spec: AttentionSpec, rw: Rewrite, compute: int) -> tuple[Tensor, T
         operands = [rw.op("Cast", [t], {"to": compute}, dtype=np_type) for t in operands]
     query, key, value = operands
     if spec.scale != 1.0:
-        query = rw.op("Mul", [query, rw.const("q_scale", np.array(spec.scale, np_type))], dtype=np_type)
+        query = scaled(query, spec.scale, compute, rw)
     return query, key, value
 
 
