@@ -37,6 +37,7 @@ class Graph:
         self.base_dir = base_dir  # where the model's external data files are, if known
         self.options = options
         self.opsets = {o.domain or "": o.version for o in model.opset_import}
+        self.proto = model  # what the graph was imported from (the checker's dim relations read it)
         self.gs = gs.import_onnx(model)
         self._by_op: dict[str, list[Node]] | None = None
         self._values: dict[int, np.ndarray | None] = {}

@@ -220,10 +220,16 @@ class _Roles:
     batch: str | int | None = None
     seq: str | int | None = None
     past: str | None = None
+    static_past: int | None = None  # a cache whose past length is fixed (HF's sliding-window cache)
+    batches: set = field(default_factory=set)  # axis 0 of every input of rank 2 and more
+    pasts: set = field(default_factory=set)  # the past axis of every cache
     fixed: dict = field(default_factory=dict)  # symbol -> size (images)
     padding: Tensor | None = None
     total: list = field(default_factory=list)  # symbols meaning past + seq
     free: list = field(default_factory=list)  # other symbols: (symbol, prefers total)
+    # the graph's own relations between input dims (dim_relations), and each input dim's symbol
+    facts: object = None
+    symbol_of: dict = field(default_factory=dict)  # (input name, axis) -> symbol
 
 
 def _simple(d) -> bool:
@@ -271,10 +277,15 @@ def _roles(graph: Graph, program: Program) -> _Roles:
         dims = input_dims(t)
         if len(dims) >= 2 and roles.batch is None and (_simple(dims[0]) or isinstance(dims[0], int)):
             roles.batch = dims[0]
+        if len(dims) >= 2 and _simple(dims[0]):  # however each input names it (transformers' exporter)
+            roles.batches.add(dims[0])
         is_float = onnx_dtype(t) in _FLOAT_TYPES
         if len(dims) == 4 and is_float:
             if isinstance(dims[1], int) and isinstance(dims[3], int) and _simple(dims[2]):
                 roles.past = roles.past or dims[2]
+                roles.pasts.add(dims[2])
+            elif all(isinstance(d, int) for d in dims[1:]) and _concatenated(t):
+                roles.static_past = dims[2]
             elif isinstance(dims[1], int) and _simple(dims[2]) and _simple(dims[3]):
                 roles.fixed[dims[2]] = roles.fixed[dims[3]] = _IMAGE_SIDE
     # The query length: dim 1 of a 2-D or 3-D input that is not the padding mask.
@@ -291,7 +302,11 @@ def _roles(graph: Graph, program: Program) -> _Roles:
             roles.seq = width
         elif _simple(width) and width != roles.seq:
             roles.total.append(width)
-    known = {roles.batch, roles.seq, roles.past, *roles.fixed, *roles.total}
+    known = {roles.batch, roles.seq, roles.past, *roles.fixed, *roles.total, *roles.batches,
+             *roles.pasts}
+    roles.facts = _relations(graph)
+    roles.symbol_of = {(t.name, axis): d for t in inputs for axis, d in enumerate(input_dims(t))
+                       if _simple(d)}
     # Other symbols: a mask-like width (dim 1 of a 2-D input that is not token ids) is most
     # likely past + query; any other gets a size of its own first.
     widths = {input_dims(t)[1] for t in inputs
@@ -306,6 +321,11 @@ def _roles(graph: Graph, program: Program) -> _Roles:
     return roles
 
 
+def _concatenated(t: Tensor) -> bool:
+    """A graph input some Concat reads (a cache that grows by Concat(past, new))."""
+    return any(user.op == "Concat" for user in t.outputs)
+
+
 def _sizes(roles: _Roles) -> list[tuple[int, int, int]]:
     """The base (batch, query, past) sizes (BASE_SIZES) as the roles allow them."""
     def pick(value, wanted):
@@ -314,7 +334,8 @@ def _sizes(roles: _Roles) -> list[tuple[int, int, int]]:
     sizes = []
     for b, s, p in BASE_SIZES:
         s = pick(roles.seq, s) if roles.seq is not None else 1  # no length to vary
-        size = (pick(roles.batch, b), s, p if roles.past is not None else 0)
+        p = roles.static_past if roles.static_past is not None else p if roles.past is not None else 0
+        size = (pick(roles.batch, b), s, p)
         if size not in sizes:
             sizes.append(size)
     return sizes
@@ -347,19 +368,52 @@ def _assignments(roles: _Roles, size: tuple[int, int, int]):
     values = dict(roles.fixed)
     if isinstance(roles.batch, str):
         values[roles.batch] = b
+    values.update({sym: b for sym in roles.batches})
     if isinstance(roles.seq, str):
         values[roles.seq] = s
     if roles.past is not None:
-        values[roles.past] = p
+        values.update({sym: p for sym in roles.pasts})
     for sym in roles.total:
         values[sym] = p + s
+    values.update(_solved(roles, values))
+    free = [(sym, total) for sym, total in roles.free if sym not in values]
     # A size of its own, so that a mix-up of two lengths shows (1 where the query is 1, so that
     # another sequence, e.g. a decoder's, is also evaluated at length 1).
     own = 1 if s == 1 else p + s + 3
-    options = [([p + s, s, own] if total else [own, s, p + s]) for _, total in roles.free]
+    options = [([p + s, s, own] if total else [own, s, p + s]) for _, total in free]
     options = [list(dict.fromkeys(o)) for o in options]
     for combo in itertools.islice(itertools.product(*options), 8):
-        yield {**values, **{sym: v for (sym, _), v in zip(roles.free, combo)}}
+        yield {**values, **{sym: v for (sym, _), v in zip(free, combo)}}
+
+
+_RELATIONS: "weakref.WeakKeyDictionary[Graph, object]" = weakref.WeakKeyDictionary()
+
+
+def _relations(graph: Graph):
+    """The graph's relations between its input dims (dim_relations), once per graph; None when
+    they cannot be found."""
+    if graph not in _RELATIONS:
+        from .dim_relations import find_relations
+
+        try:
+            _RELATIONS[graph] = find_relations(graph.proto)
+        except Exception:  # best effort: the roles alone still size the inputs
+            _RELATIONS[graph] = None
+    return _RELATIONS[graph]
+
+
+def _solved(roles: _Roles, values: dict[str, int]) -> dict[str, int]:
+    """Sizes of symbols the graph's equations give once the roles' are known (an export that
+    names one dim differently in each input: transformers' own exporter)."""
+    if roles.facts is None:
+        return {}
+    known = {slot: values[sym] for slot, sym in roles.symbol_of.items() if sym in values}
+    found: dict[str, int] = {}
+    for slot, size in roles.facts.solve(known).items():
+        sym = roles.symbol_of.get(slot)
+        if sym is not None and sym not in values and found.setdefault(sym, size) != size:
+            found[sym] = None  # two sizes for one symbol: left to the candidates
+    return {sym: size for sym, size in found.items() if size is not None}
 
 
 def _padding_rows(batch: int, width: int) -> np.ndarray:

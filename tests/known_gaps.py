@@ -7,10 +7,6 @@ GAPS = {
         "not like encoder_hidden_states (7), which nothing in the graph ties it to; the test's "
         "template then reads a column the model never uses",
         ['bart-dec_decode-cross_sdpa_dynamo.onnx']),
-    "test_masks.py::test_mask_program_computes_what_the_model_computes": (
-        "the mask program of transformers' own exporter is sized by declared dim names, which do "
-        "not relate its mask length to the cache (masks.py does not use dim_relations yet)",
-        ['qwen3-moe_decode_sdpa_transformers.onnx']),
     "test_kv_cache.py::test_growing_caches_become_static": (
         'issue 10: --kv-cache static does not convert this export yet',
         ['deepseek-v3_decode_eager_dynamo.onnx',

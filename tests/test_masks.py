@@ -532,16 +532,12 @@ def ancestors(graph, tensor):
 def expected_classes(truth):
     """Per attention core, (kind, alignment, window, padding) from the manifest, or None where
     the manifest does not pin it: sequence-to-sequence and cross-attention decoders mix kinds of
-    cores, a merged decoder holds two models, a mask that reads a graph input besides the
-    padding (transformers' exporter feeds its sliding window as an input) or cannot be sized
-    from its own inputs (HF's sliding-window cache, whose past is shorter than the mask) is not
-    a class, and an encoder's local window is symmetric, which no class describes."""
+    cores, a merged decoder holds two models, and an encoder's local window is symmetric, which
+    no class describes."""
     cores = truth["attention_cores"] - (truth.get("native_attention_ops") or 0)
     types = truth.get("layer_types") or ["full_attention"] * cores
     if truth["kind"] in ("prefill", "decode") and truth["causal"]:
         alignment = "lower_right" if truth["kind"] == "decode" else "upper_left"
-        if truth.get("exporter") == "transformers" or truth.get("cache") == "sliding_window":
-            return [None] * cores
         return [("sliding_window", alignment, truth["sliding_window"], True)
                 if t == "sliding_attention" else ("causal_padding", alignment, None, True)
                 for t in types]
