@@ -4,8 +4,8 @@ TensorRT 10.9+) and onnxruntime through their model-local function bodies (Proof
 
 What FusedAttention is given follows from the mask class the pass proved (masks.py): no mask,
 `causal` 1 (upper-left) or 2 (lower-right, aligned to the key length: kv_lengths = Skv for every
-row), `window` for a sliding window, and the 0/1 padding input itself as `key_mask` [B, Skv]
-(masks.py proved the mask reads it that way, key for key). A mask that none of these says (an
+row), `window` for a sliding window, and for padding a `key_mask` [B, Skv] read off the mask
+the graph computes (see _key_mask). A mask that none of these says (an
 arbitrary one, or an additive bias such as T5's relative positions) is refused. Learned sinks
 are the op's `sinks` input, the original's output for a query row that sees no key its
 `masked_row`. The op runs its softmax in float32 whatever Q's type.
@@ -29,9 +29,10 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from .. import plugin_ops, trt_contract
-from ..graph import Tensor
+from ..graph import Tensor, onnx_dtype
+from ..masks import mask_identity
 from ..rewrite import Reject, Rewrite
-from ..specs import AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
+from ..specs import HIDDEN_AT_OR_BELOW, AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
 from .base import Proof, Target
 from .onnx import emit_rotary, finish, rotary_tables, shared_write_indices
 
@@ -46,7 +47,7 @@ class Masking:
 
     causal: int = 0
     window: int = 0
-    padding_input: str | None = None  # the 0/1 graph input that is the key mask
+    padding: bool = False  # keys are hidden per batch row too: the op needs a key mask
 
 
 def masking(mask: MaskSpec | None) -> Masking:
@@ -62,8 +63,7 @@ def masking(mask: MaskSpec | None) -> Masking:
         raise Reject("FusedAttention says causal, sliding-window and key-padding masks only; "
                      f"this mask is arbitrary: {why}")
     return Masking(causal=_ALIGNMENT[klass.alignment] if klass.causal else 0,
-                   window=klass.window or 0,
-                   padding_input=klass.padding_input if klass.padding else None)
+                   window=klass.window or 0, padding=klass.padding)
 
 
 def body_opset(rw: Rewrite) -> int:
@@ -102,27 +102,62 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     key = spec.key
     if spec.key_perm is not None:
         key = rw.op("Transpose", [key], {"perm": list(spec.key_perm)}, dtype=key.dtype)
-    inputs = [spec.query, key, spec.value, _key_mask(said.padding_input, rw), _sinks(spec, rw),
+    inputs = [spec.query, key, spec.value, _key_mask(spec, said.padding, rw), _sinks(spec, rw),
               _every_key(spec, rw)]
     # A row that sees no key: the mean of V where the original's softmax over finite fills was
     # uniform; zeros otherwise (torch's NaN guard; a NaN row of the original is undefined).
     attrs = attributes(plugin_ops.ATTENTION.name, scale=spec.scale, causal=said.causal,
                        window=said.window, softcap=spec.softcap or 0.0,
                        masked_row=int(spec.empty_row_output == "mean"),
-                       use_key_mask=int(said.padding_input is not None))
+                       use_key_mask=int(said.padding))
     rw.function(plugin_ops.function(plugin_ops.ATTENTION.name, body_opset(rw)))
     finish(spec, plugin_ops.ATTENTION.name, inputs, attrs, rw, domain=plugin_ops.DOMAIN)
 
 
-def _key_mask(padding_input: str | None, rw: Rewrite) -> Tensor:
-    """The key mask [B, Skv] as bool, one for all layers; [1, 1] (unused) without padding."""
-    if padding_input is None:
-        return rw.shared(("plugin_no_key_mask",), lambda: rw.const("no_key_mask", np.ones((1, 1), bool)))
-    source = next((t for t in rw.graph.gs.inputs if t.name == padding_input), None)
-    if source is None:
-        raise Reject(f"the padding input '{padding_input}' is not a graph input")
-    return rw.shared(("plugin_key_mask", padding_input),
-                     lambda: rw.op("Cast", [source], {"to": TensorProto.BOOL}, dtype=np.bool_))
+def _key_mask(spec: AttentionSpec, padding: bool, rw: Rewrite) -> Tensor:
+    """The key mask [B, Skv] (int32, 1 = valid); [1, 1] (unused) without padding.
+
+    Read off the mask the graph computes, not off its padding input: key j is valid if some query
+    row sees it. The proven class says a row sees key j iff j is valid and its position allows
+    it, so where no row sees j the position hides it from every row anyway. (The graph may read
+    only part of the input: BART's cross-attention takes the first Skv entries of a longer one.)"""
+    if not padding:
+        return rw.shared(("plugin_no_key_mask",),
+                         lambda: rw.const("no_key_mask", np.ones((1, 1), np.int32)))
+    mask = spec.mask
+    identity = mask_identity(rw.graph, mask.tensor)
+    seen = rw.shared(("plugin_key_mask", identity or id(mask.tensor), mask.kind),
+                     lambda: _keys_seen(mask, rw))
+    shape = rw.graph.shape(mask.tensor) or ()
+    if len(shape) == 4 and _same_dim(shape[0], spec.query.shape[0]) \
+            and _same_dim(shape[3], spec.value.shape[2]):
+        return seen
+    batch = rw.op("Shape", [spec.query], {"start": 0, "end": 1}, dtype=np.int64)
+    keys = rw.op("Shape", [spec.value], {"start": 2, "end": 3}, dtype=np.int64)
+    size = rw.op("Concat", [batch, keys], {"axis": 0}, dtype=np.int64)
+    return rw.op("Expand", [seen, size], dtype=np.int32)
+
+
+def _keys_seen(mask: MaskSpec, rw: Rewrite) -> Tensor:
+    """[B | 1, Skv | 1] int32: 1 where some query row of some head sees the key."""
+    tensor = mask.tensor
+    if mask.kind == "additive":
+        np_type = helper.tensor_dtype_to_np_dtype(onnx_dtype(tensor))
+        threshold = rw.const("mask_threshold", np.array(HIDDEN_AT_OR_BELOW, np_type))
+        visible = rw.op("Greater", [tensor, threshold], dtype=np.bool_)
+    else:
+        visible = tensor if mask.kind == "keep" else rw.op("Not", [tensor], dtype=np.bool_)
+    rank = len(rw.graph.shape(tensor) or (0,) * 4)
+    if rank < 4:  # broadcast from the front, as the scores see it
+        axes = rw.const("mask_axes", np.arange(4 - rank, dtype=np.int64))
+        visible = rw.op("Unsqueeze", [visible, axes], dtype=np.bool_)
+    flags = rw.op("Cast", [visible], {"to": TensorProto.INT32}, dtype=np.int32)
+    rows = rw.const("heads_and_queries", np.array([1, 2], np.int64))
+    return rw.op("ReduceMax", [flags, rows], {"keepdims": 0}, dtype=np.int32)
+
+
+def _same_dim(a, b) -> bool:
+    return a is not None and a == b
 
 
 def _sinks(spec: AttentionSpec, rw: Rewrite) -> Tensor:
