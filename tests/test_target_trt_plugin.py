@@ -375,3 +375,63 @@ def test_the_plugins_take_every_node_the_target_writes(fake_trt):
         assert set(fields) == set(params) - {n.lower() for n in spec.inputs}
         for key, value in fields.items():
             assert isinstance(value, params[key].annotation), key
+
+
+# --------------------------------------------------------------------------- --kv-cache static
+
+from known_gaps import GAPS  # noqa: E402
+from onnx_fuse.targets.trt_plugin_static import TrtPluginStaticForm  # noqa: E402
+
+_STATIC_GAP, _STATIC_GAPS = GAPS["test_kv_cache.py::test_growing_caches_become_static"]
+GROWING = sorted(n for n in MANIFEST if MANIFEST[n]["kind"] == "decode")
+CACHE_LEN = 16
+
+
+def static(name):
+    return onnx_fuse.fuse(os.path.join(MODELS, name), target=TARGET, kv_cache="static",
+                          max_cache_len=CACHE_LEN)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=_STATIC_GAP, strict=True))
+                                  if n in _STATIC_GAPS else n for n in GROWING])
+def test_growing_caches_become_in_place_writes_and_attention_over_the_slots(name):
+    """FusedKVWrite at write_position writes each present output in place of its input;
+    FusedAttention reads every slot with kv_lengths and the slot mask (holes included: both
+    scenarios of the multi-step check), its window kept; the written nodes lint clean."""
+    truth = MANIFEST[name]
+    result = static(name)
+    check = result.report["check"]
+    assert check["passed"] and list(check["scenarios"]) == ["ragged", "left_padded"], check["message"]
+    model = result.proto
+    attention, writes = plugin_nodes(model, "FusedAttention"), plugin_nodes(model, "FusedKVWrite")
+    assert len(attention) == truth["attention_cores"] and len(writes) == truth["kv_cache_writes"]
+    pairs = result.report["kv_cache"]["pairs"]
+    assert {n.output[0]: n.input[0] for n in writes} == pairs and {n.input[2] for n in writes} == {"write_position"}
+    layers = truth.get("sliding_window_layers", [])
+    windows = [truth["sliding_window"] if i in layers else 0 for i in range(truth["layers"])]
+    assert [(attrs_of(n)["causal"], attrs_of(n)["use_key_mask"], attrs_of(n)["window"]) for n in attention] \
+        == [(2, 1, w) for w in windows]
+    assert not STANDARD_FUSED_OPS & {n.op_type for n in model.graph.node}
+    problems = [e for e in result.report["tensorrt"] if e["problems"]]
+    assert not problems, problems
+
+
+def test_lengths_that_leave_this_steps_token_out_fail_the_static_check(monkeypatch):
+    def short(self, conversion):
+        return conversion.node("Cast", [conversion.write], {"to": TensorProto.INT32}, np.int32)
+
+    monkeypatch.setattr(TrtPluginStaticForm, "_kv_lengths", short)
+    with pytest.raises(onnx_fuse.CheckFailed):
+        static("llama-gqa_decode_eager_dynamo.onnx")
+
+
+def test_without_the_slot_mask_the_left_padded_scenario_fails(monkeypatch):
+    remask = TrtPluginStaticForm.remask
+
+    def unmasked(self, conversion, attention, window):
+        remask(self, conversion, attention, window)
+        attention.attrs["use_key_mask"] = 0
+
+    monkeypatch.setattr(TrtPluginStaticForm, "remask", unmasked)
+    with pytest.raises(onnx_fuse.CheckFailed, match="left-padded"):
+        static("qwen2-gqa_decode_sdpa_dynamo.onnx")

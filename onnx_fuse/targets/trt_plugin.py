@@ -225,6 +225,7 @@ class TrtPluginTarget(Target):
     floor_opset = 18  # the lowest opset plugin_ops writes its function bodies at
     domains = {plugin_ops.DOMAIN: plugin_ops.DOMAIN_VERSION}
     proof = Proof("functions")
+    static_cache = True  # its own form: trt_plugin_static.py
     emitters = {AttentionSpec: emit_attention, RotarySpec: partial(emit_rotary, rotation=fused_rotary),
                 KVCacheWriteSpec: emit_kv_cache_write}
 
@@ -239,6 +240,11 @@ class TrtPluginTarget(Target):
 
     def spec_opset(self, spec) -> int:
         return 0  # FusedKVWrite's body needs no TensorScatter
+
+    def static_form(self):
+        from .trt_plugin_static import TrtPluginStaticForm  # kv_static and the checker, only when asked
+
+        return TrtPluginStaticForm()
 
     def contract(self, model) -> list[dict]:
         """TensorRT's parser rules and the ops' own contract (trt_custom_ops.py), per plugin node."""
