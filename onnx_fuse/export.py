@@ -14,6 +14,7 @@ def export(graph: Graph, template: onnx.ModelProto, domains: dict[str, int] | No
     `domains`: the opset versions of the domains the target's nodes use (others get version 1);
     the model-local functions rewrites registered are added to the template's."""
     model = gs.export_onnx(graph.gs, do_type_check=False)
+    _drop_body_value_info(model.graph)
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
                  "doc_string"):
         setattr(model, name, getattr(template, name))
@@ -42,3 +43,15 @@ def export(graph: Graph, template: onnx.ModelProto, domains: dict[str, int] | No
             node.doc_string = originals[node.name].doc_string
             node.metadata_props.extend(originals[node.name].metadata_props)
     return model
+
+
+def _drop_body_value_info(graph: onnx.GraphProto) -> None:
+    """Shape inference with data propagation (graph.py) can write wrong shapes into If/Loop/Scan
+    bodies (onnx 1.23, optimum's merged decoder: a ConstantOfShape of a Shape given the shape of
+    the tensor whose shape was taken), which onnxruntime then refuses to load; it infers the
+    bodies' shapes itself, so their value_info is not written."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                del body.value_info[:]
+                _drop_body_value_info(body)

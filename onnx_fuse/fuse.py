@@ -2,7 +2,7 @@
 opset if the emitted ops need it, rewrite, export, and prove the result equal to the input.
 
 The opset is raised to what the fused ops need: the target's floor, or more where a spec that
-fused declares it (`min_opset`: TensorScatter needs 24). The model is matched at the floor first
+fused needs it (`Target.spec_opset`: TensorScatter needs 24). The model is matched at the floor first
 and again at the higher opset if something that fused needs it; if the model cannot be raised
 that far (or the raised model does not check), those specs stay unfused with the reason and the
 rest fuse at the floor. A conversion is kept only if something fused, and is proven first.
@@ -98,7 +98,7 @@ class _Pass:
     def run(self, target: Target) -> _Attempt:
         floor = target.floor_opset
         attempt = self.at(floor, target)
-        wanted = max((_spec_opset(f.spec) for f in attempt.result.fused), default=0)
+        wanted = max((target.spec_opset(f.spec) for f in attempt.result.fused), default=0)
         if self.apply and attempt.failure is None and wanted > max(floor, self.from_opset):
             attempt = self.at(wanted, target)
             if attempt.failure is not None:  # stay at the floor; what needs more stays unfused
@@ -162,14 +162,10 @@ class _Capped:
         return getattr(self.target, name)
 
     def refusal(self, spec) -> str | None:
-        if _spec_opset(spec) > self.level:
-            return f"needs opset {_spec_opset(spec)}: {self.reason}"
+        needed = self.target.spec_opset(spec)
+        if needed > self.level:
+            return f"needs opset {needed}: {self.reason}"
         return self.target.refusal(spec)
-
-
-def _spec_opset(spec) -> int:
-    """The default-domain opset a spec's emitted ops need beyond the target's own floor."""
-    return getattr(spec, "min_opset", 0)
 
 
 def _rules():

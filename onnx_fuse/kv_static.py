@@ -225,6 +225,7 @@ class StandardForm:
 
     attention_op = "Attention"
     write_op = "TensorScatter"
+    rotary_op = "RotaryEmbedding"  # its input 3, the position ids, is re-pointed
     scenarios = ("ragged", "left_padded")  # what check_static drives
     valid_slots = "1 = the slot holds a valid token (this step's included)"
 
@@ -244,7 +245,7 @@ class StandardForm:
 def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
             windows: dict[str, int | None], form: StandardForm = StandardForm()):
     """The fused model (opset 24) with fixed caches; returns it and the report's section."""
-    positions, tables, position_users = _positions(model, layout, cache_len, base_dir)
+    positions, tables, position_users = _positions(model, layout, cache_len, base_dir, form.rotary_op)
     rewrite = _Conversion(model, layout, cache_len, form)
     layers = rewrite.masks(windows)
     anchors = rewrite.writes()
@@ -438,7 +439,8 @@ def _reads_batch_only(node: gs.Node) -> bool:
 # --------------------------------------------------------------------------- positions
 
 
-def _positions(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None):
+def _positions(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
+               rotary_op: str = "RotaryEmbedding"):
     """The (node, input index) of every position use to re-point, the position tables as
     {name: rows}, and the names of position readers it cannot re-point. Positions are the
     integer tensors that evaluate to past + arange(S) in the fused model at two sizes whose key
@@ -457,7 +459,7 @@ def _positions(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir:
     repoint, tables, unhandled = [], {}, []
     for name in valued:
         for user, index in consumers.get(name, []):
-            if user.op_type == "RotaryEmbedding" and index == 3:
+            if user.op_type == rotary_op and index == 3:
                 repoint.append((user.name, index))
             elif user.op_type == "Gather" and index == 1 and user.input[0] in constants:
                 repoint.append((user.name, index))

@@ -150,7 +150,7 @@ def emitted(graph: Graph, spec, target, inputs: list[Tensor], outputs: list[Tens
     values = [onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t), _open_dims(graph.shape(t)))
               for t in inputs]
     results = [onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t), None) for t in outputs]
-    opset = max(target.floor_opset, getattr(spec, "min_opset", 0))
+    opset = max(target.floor_opset, target.spec_opset(spec))
     opsets = [onnx.helper.make_opsetid("", opset)] + [onnx.helper.make_opsetid(d, v)
                                                       for d, v in target.domains.items()]
     alone = Graph(onnx.helper.make_model(onnx.helper.make_graph([], "emitted", values, results),

@@ -7,8 +7,10 @@ from .base import Proof, Target
 from .onnx import OnnxTarget
 from .primitive_trt import PrimitiveTrtTarget
 from .trt11 import Trt11Target
+from .trt_plugin import TrtPluginTarget
 
-TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget(), Trt11Target()]}
+TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget(), Trt11Target(),
+                                                  TrtPluginTarget()]}
 
 
 def get_target(name: str) -> Target:

@@ -75,6 +75,12 @@ class Target:
             return f"target {self.name} keeps this as primitive ops"
         return None
 
+    def spec_opset(self, spec) -> int:
+        """The default-domain opset what this target emits for `spec` needs beyond floor_opset
+        (0: none): by default the spec's own `min_opset` (TensorScatter's 24), which a target
+        whose op for that spec needs no newer standard op overrides."""
+        return getattr(spec, "min_opset", 0)
+
     def emit(self, spec, rw: Rewrite) -> None:
         """Add the nodes that compute what `spec` describes to `rw` (they take over its output)."""
         reason = self.refusal(spec)

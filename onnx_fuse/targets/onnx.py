@@ -138,29 +138,36 @@ def _same_dim(a, b) -> bool:
     return a is not None and a == b
 
 
-def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
-    """RotaryEmbedding on 4-D [batch, heads, seq, head] input, the form TensorRT's parser takes:
-    x before the head transpose is transposed there and back, a 3-D single head gets a heads axis.
-    The tables (caches and [batch, seq] position ids, or per-token cos/sin [batch, seq, rotary/2]
-    of the computed form) are built once and shared by every layer."""
-    attrs = {"interleaved": int(spec.interleaved),
-             "rotary_embedding_dim": 0 if spec.rotary_dim == spec.head_size else spec.rotary_dim}
+def emit_rotary(spec: RotarySpec, rw: Rewrite, rotation=None) -> None:
+    """The rotation on 4-D [batch, heads, seq, head] input, the form TensorRT takes: x before the
+    head transpose is transposed there and back, a 3-D single head gets a heads axis.
+    `rotation(spec, x, rw, outputs)` writes the op on such an x (default: RotaryEmbedding)."""
+    rotate = rotation or rotary_embedding
     x = _deinterleaved(spec.input, rw) if spec.deinterleave else spec.input
     last = None if spec.around else [spec.output]  # the Concat around it takes the output over
     if spec.layout == "bnsh":
-        y = rw.op("RotaryEmbedding", [x, *_rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype, outputs=last)
+        y = rotate(spec, x, rw, last)
     elif spec.layout == "bsnh":
         x = rw.op("Transpose", [x], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype)
-        y = rw.op("RotaryEmbedding", [x, *_rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype)
-        y = rw.op("Transpose", [y], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype, outputs=last)
+        y = rw.op("Transpose", [rotate(spec, x, rw, None)], {"perm": [0, 2, 1, 3]},
+                  dtype=spec.input.dtype, outputs=last)
     else:
         heads_axis = rw.const("rope_heads_axis", np.array([1], dtype=np.int64))
         x = rw.op("Unsqueeze", [x, heads_axis], dtype=spec.input.dtype)
-        y = rw.op("RotaryEmbedding", [x, *_rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype)
-        y = rw.op("Squeeze", [y, heads_axis], dtype=spec.input.dtype, outputs=last)
+        y = rw.op("Squeeze", [rotate(spec, x, rw, None), heads_axis], dtype=spec.input.dtype,
+                  outputs=last)
     if spec.around:
         before, after = spec.around
         rw.op("Concat", [*before, y, *after], {"axis": -1}, outputs=[spec.output])
+
+
+def rotary_embedding(spec: RotarySpec, x: Tensor, rw: Rewrite, outputs: list | None) -> Tensor:
+    """RotaryEmbedding of 4-D x. The tables (caches and [batch, seq] position ids, or per-token
+    cos/sin [batch, seq, rotary/2] of the computed form) are built once and shared by every layer."""
+    attrs = {"interleaved": int(spec.interleaved),
+             "rotary_embedding_dim": 0 if spec.rotary_dim == spec.head_size else spec.rotary_dim}
+    return rw.op("RotaryEmbedding", [x, *rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype,
+                 outputs=outputs)
 
 
 def _deinterleaved(x: Tensor, rw: Rewrite) -> Tensor:
@@ -172,7 +179,7 @@ def _deinterleaved(x: Tensor, rw: Rewrite) -> Tensor:
     return rw.op("Concat", [even, odd], {"axis": -1}, dtype=x.dtype)
 
 
-def _rotary_tables(spec: RotarySpec, rw: Rewrite) -> list[Tensor]:
+def rotary_tables(spec: RotarySpec, rw: Rewrite) -> list[Tensor]:
     """RotaryEmbedding's inputs after x: (cos_cache, sin_cache, position_ids) of the table form,
     (cos, sin) per token of the computed form."""
     if spec.form == "computed":
