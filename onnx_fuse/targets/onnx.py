@@ -183,7 +183,8 @@ def rotary_tables(spec: RotarySpec, rw: Rewrite) -> list[Tensor]:
     """RotaryEmbedding's inputs after x: (cos_cache, sin_cache, position_ids) of the table form,
     (cos, sin) per token of the computed form."""
     if spec.form == "computed":
-        key = ("rope_per_token", spec.cache_key, spec.layout)
+        # A 3-D x may fold the heads into its batch (q's and k's differ under GQA): tables per batch.
+        key = ("rope_per_token", spec.cache_key, spec.layout, _batch_of(spec, rw) if spec.layout == "bsh" else None)
         return [rw.shared((*key, which), lambda t=table: _per_token(spec, t, rw))
                 for which, table in (("cos", spec.cos), ("sin", spec.sin))]
     cos = rw.shared(("rope_cos", spec.cache_key), lambda: _cache(rw, "rope_cos_cache", spec.cos_cache, spec))
@@ -192,6 +193,12 @@ def rotary_tables(spec: RotarySpec, rw: Rewrite) -> list[Tensor]:
     batch_of = id(spec.input) if spec.layout == "bsh" else None
     positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: _position_ids(spec, rw))
     return [cos, sin, positions]
+
+
+def _batch_of(spec: RotarySpec, rw: Rewrite):
+    """x's batch dim where the graph knows it (equal dims share tables), else x itself."""
+    shape = rw.graph.shape(spec.input)
+    return shape[0] if shape and shape[0] is not None else id(spec.input)
 
 
 def _per_token(spec: RotarySpec, table: Tensor, rw: Rewrite) -> Tensor:
