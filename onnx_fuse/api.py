@@ -44,7 +44,8 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | None = 
                                 max_positions)
         source = as_source(model)
         prover = Prover(source, inputs) if check else None
-        return fuse_source(source, chosen, Options(max_positions=max_positions), prover, apply)
+        return fuse_source(source, chosen, Options(max_positions=max_positions, check=check), prover,
+                           apply)
     finally:
         if collecting:
             gc.enable()
@@ -66,6 +67,6 @@ def _fuse_static(model, target, check: bool, inputs, apply: bool, mode: str,
         raise BadInput("--kv-cache static needs --max-cache-len N")
     source = as_source(model)
     layout = kv_static.plan(source, max_cache_len, check)
-    options = Options(max_positions=max_positions or max_cache_len)
+    options = Options(max_positions=max_positions or max_cache_len, check=check)
     fused = fuse_source(source, target, options, Prover(source, None) if check else None)
     return kv_static.make_static(source, fused, target, layout, max_cache_len, check)

@@ -43,7 +43,7 @@ def fuse_source(source: SourceModel, target: Target, options: Options, prover: P
     changed = apply and bool(attempt.result.fused)
     output = export(attempt.graph, attempt.template, target.domains) if changed else source.model
     if changed:
-        attach_contract(report, target.contract(output))
+        attach_contract(report, target.contract(output), target.contract_name)
     fused = FuseResult(output, report, source.base_dir, changed, source.path,
                        attempt.result.fused, attempt.result.unfused)
     if prover is not None and changed:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..errors import BadInput
 from .base import Proof, Target
 from .onnx import OnnxTarget
+from .ort import OrtTarget
 from .primitive_trt import PrimitiveTrtTarget
 
-TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget()]}
+TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget(), OrtTarget()]}
 
 
 def get_target(name: str) -> Target:
