@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..graph import Graph, Node, Tensor
 from ..rewrite import Fused, PassResult, Reject, Rewrite
 from ..specs import AttentionSpec, RotarySpec
@@ -65,31 +63,32 @@ def fold_rotary(graph: Graph, result: PassResult) -> None:
     """Fold RotaryEmbeddings into the GroupQueryAttentions they feed, where proven; every
     attention fusion's report says whether (and why not)."""
     ropes = {name: (f, f.spec) for f in result.fused if isinstance(f.spec, RotarySpec) for name in f.nodes}
+    attention_ops = {n.name: n for n in graph.gs.nodes if n.op == GQA and n.name in graph.fused_by}
     for fusion in result.fused:
-        if not isinstance(fusion.spec, AttentionSpec):
-            continue
-        gqa = next((n for n in graph.gs.nodes if n.name in fusion.nodes and n.op == GQA), None)
-        if gqa is None:
+        gqa = next((attention_ops[n] for n in fusion.nodes if n in attention_ops), None)
+        if gqa is None or not isinstance(fusion.spec, AttentionSpec):
             continue
         try:
             query, key = (_rotation(graph, gqa.inputs[i], ropes) for i in (0, 1))
+            if query is None or key is None:
+                continue  # no RoPE feeds it: nothing to fold
             _require_foldable(fusion.spec, query, key)
         except Reject as reason:
-            fusion.details["rotary"] = f"not folded: {reason}" if str(reason) else None
+            fusion.details["rotary"] = f"not folded: {reason}"
             continue
         _fold(graph, gqa, query, key, fusion)
         for rotation in (query, key):
             ropes[rotation.node.name][0].details["folded_into"] = gqa.name
 
 
-def _rotation(graph: Graph, tensor: Tensor, ropes: dict) -> _Rotation:
+def _rotation(graph: Graph, tensor: Tensor, ropes: dict) -> _Rotation | None:
     chain = []
     node = graph.producer(tensor)
     while node is not None and node.op in ("Reshape", "Transpose") and len(chain) < 3:
         chain.insert(0, node)
         node = graph.producer(node.inputs[0])
     if node is None or node.op != ROTARY or node.name not in ropes:
-        raise Reject("")  # no RoPE feeds it: nothing to fold, nothing to report
+        return None
     rotation = _Rotation(node, ropes[node.name][1], chain)
     ops = [(n.op, list(n.attrs.get("perm", []))) for n in chain]
     if rotation.spec.layout == "bsh" or ops != [("Transpose", [0, 2, 1, 3]), ("Reshape", [])]:
