@@ -33,11 +33,19 @@ class OrtTarget(Target):
         return super().refusal(spec)
 
     def finish(self, graph, result) -> None:
+        """Fold RoPE into GQA; say per attention fusion which op it became, why not a more
+        specific one, whether it has sinks, and which providers implement its node."""
         fold_rotary(graph, result)
+        ops = {n.name: n for n in graph.gs.nodes if n.name in graph.fused_by and n.op in (GQA, MHA, "Attention")}
         for fusion in result.fused:
             chosen = graph.memo.get(("ort plan", id(fusion.spec)))
-            if chosen is not None:
-                fusion.details.update({"op": chosen.op, **({"why": chosen.why} if chosen.why else {})})
+            node = next((ops[n] for n in fusion.nodes if n in ops), None)
+            if chosen is None or node is None:
+                continue
+            fusion.details.update({"op": chosen.op, **({"why": chosen.why} if chosen.why else {}),
+                                   "sinks": fusion.spec.sinks is not None,
+                                   "providers": providers(node.op, node.domain or "",
+                                                          [t.name for t in node.inputs])})
 
     def contract(self, model: onnx.ModelProto) -> list[dict]:
         """Per emitted node: the providers that implement it, and as a problem a node the CPU
@@ -53,7 +61,8 @@ class OrtTarget(Target):
                 problems.append(f"no CPU kernel for {onnx.TensorProto.DataType.Name(dtype).lower()}: "
                                 "not checkable on onnxruntime's CPU provider")
             entries.append({"node": node.name, "op": node.op_type, "problems": problems,
-                            **_attributes(node), "providers": providers(node)})
+                            **_attributes(node),
+                            "providers": providers(node.op_type, node.domain, list(node.input))})
         return entries
 
 

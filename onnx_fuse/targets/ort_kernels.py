@@ -57,11 +57,12 @@ def runs_on_cpu(op: str, domain: str, dtype: int) -> bool:
     return name in types or (name == "float16" and "float" in types)
 
 
-def providers(node: onnx.NodeProto) -> dict[str, list[str]]:
-    """Provider -> element types for the op of `node`, narrowed by inputs only some honour."""
-    table = {"CPU": list(cpu_types(node.op_type, node.domain or ""))}
-    table.update({p: list(ops[node.op_type]) for p, ops in _RECORDED.items() if node.op_type in ops})
+def providers(op_type: str, domain: str, inputs: list[str]) -> dict[str, list[str]]:
+    """Provider -> element types for a node of `op_type` with these input names (empty: left
+    out), narrowed by inputs only some providers honour."""
+    table = {"CPU": list(cpu_types(op_type, domain))}
+    table.update({p: list(ops[op_type]) for p, ops in _RECORDED.items() if op_type in ops})
     for (op, index), allowed in _ONLY_ON.items():
-        if node.op_type == op and len(node.input) > index and node.input[index]:
+        if op_type == op and len(inputs) > index and inputs[index]:
             table = {p: types for p, types in table.items() if p in allowed}
     return {p: types for p, types in table.items() if types}
