@@ -6,7 +6,8 @@ intermediate 5632, vocabulary 32000, 2 layers, random weights), built here with 
 exported by both torch exporters (decode form: past inputs, which prefill feeds with length 0).
 Cached under benchmarks/out/ (git-ignored). Each variant runs in a fresh process (default session
 options, every core): prefill latency at S = 128, 512, 2048 and decode latency per token at past
-128, 1024, 4096 (batch 1), and the process's peak RSS. Prints a markdown table and writes
+128, 1024, 4096 (batch 1; medians of a few runs), and the process's peak RSS; every variant twice,
+the order reversed the second time, the faster kept (the load of a shared machine varies). Prints a markdown table and writes
 benchmarks/runtime.png (latency against length).
 
     python benchmarks/bench_runtime.py [--layers 2] [--archs llama qwen2] [--json OUT]
@@ -139,6 +140,25 @@ def measure(path: str) -> dict:
     return {"prefill": prefill, "decode": decode, "peak_rss_mib": round(peak)}
 
 
+def measure_variants(paths: dict[str, str], passes: int) -> dict[str, dict]:
+    """Each variant measured `passes` times, the order reversed every other pass; per cell the
+    fastest pass (a shared machine's load comes and goes), per variant the highest peak RSS."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in paths}
+    for number in range(passes):
+        for variant in (list(paths) if number % 2 == 0 else reversed(list(paths))):
+            runs[variant].append(run_measurement(paths[variant]))
+    return {variant: _fastest(found) for variant, found in runs.items()}
+
+
+def _fastest(runs: list[dict]) -> dict:
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {"prefill": {s: min(r["prefill"][s] for r in runs) for s in runs[0]["prefill"]},
+            "decode": {p: min(r["decode"][p] for r in runs) for p in runs[0]["decode"]},
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+
+
 def run_measurement(path: str) -> dict:
     done = subprocess.run([sys.executable, __file__, "--measure", path], capture_output=True, text=True)
     if done.returncode != 0:
@@ -190,6 +210,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--archs", nargs="+", default=["llama", "qwen2"])
     parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
+    parser.add_argument("--passes", type=int, default=2, help="measurements per variant (fastest kept)")
     parser.add_argument("--json")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -200,14 +221,18 @@ def main(argv=None) -> None:
     rows = []
     for arch in args.archs:
         for exporter in args.exporters:
+            model = f"{arch} {exporter}"
             original = build_original(arch, exporter, args.layers)
+            paths, infos, failures = {}, {}, {}
             for variant in VARIANTS:
                 try:
-                    path, info = make_variant(original, variant)
-                    timing = run_measurement(path)
+                    paths[variant], infos[variant] = make_variant(original, variant)
                 except Exception as exc:  # a tool that fails is a row of the table, not the end
-                    info, timing = {}, {"error": f"{type(exc).__name__}: {str(exc)[:150]}"}
-                rows.append({"model": f"{arch} {exporter}", "variant": variant, "info": info, "timing": timing})
+                    failures[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:150]}"}
+            timings = {**measure_variants(paths, args.passes), **failures}
+            for variant in VARIANTS:
+                rows.append({"model": model, "variant": variant, "info": infos.get(variant, {}),
+                             "timing": timings[variant]})
                 print(rows[-1], flush=True)
     print(table(rows))
     plot(rows, os.path.join(HERE, "runtime.png"))
