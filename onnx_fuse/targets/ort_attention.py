@@ -177,18 +177,17 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     rw.graph.memo[("ort plan", id(spec))] = chosen  # the report's: the emitted graph no longer shows it
     if chosen.op is None:
         raise Reject(chosen.why)
+    _require_checkable(chosen.op, spec, rw)
     if chosen.op == ATTENTION:
         standard.emit_attention(spec, rw)
-        return
-    _require_checkable(chosen.op, spec, rw)
-    if chosen.op == GQA:
+    elif chosen.op == GQA:
         _emit_gqa(spec, chosen.cache, rw)
     else:
         _emit_mha(spec, rw)
 
 
 def _require_checkable(op: str, spec: AttentionSpec, rw: Rewrite) -> None:
-    if rw.graph.options.check and not runs_on_cpu(op, CONTRIB, spec.dtype):
+    if rw.graph.options.check and not runs_on_cpu(op, "" if op == ATTENTION else CONTRIB, spec.dtype):
         kind = onnx.TensorProto.DataType.Name(spec.dtype).lower()
         raise Reject(f"{op} has no CPU kernel for {kind} in this onnxruntime, so the CPU check "
                      "cannot run it; fuse with --no-check to write it unchecked")
