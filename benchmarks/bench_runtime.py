@@ -4,10 +4,11 @@
 Llama- and Qwen2-shaped decoders at realistic width (hidden 2048, 32 query / 8 KV heads, head 64,
 intermediate 5632, vocabulary 32000, 2 layers, random weights), built here with transformers and
 exported by both torch exporters (decode form: past inputs, which prefill feeds with length 0).
-Cached under benchmarks/out/ (git-ignored). Each variant runs in a fresh process (default session
-options, every core): prefill latency at S = 128, 512, 2048 and decode latency per token at past
-128, 1024, 4096 (batch 1; medians of a few runs), and the process's peak RSS; every variant twice,
-the order reversed the second time, the faster kept (the load of a shared machine varies). Prints a markdown table and writes
+Cached under benchmarks/out/ (git-ignored). Prefill latency at S = 128, 512, 2048 and decode
+latency per token at past 128, 1024, 4096 (batch 1): all variants of a model loaded side by side
+in one fresh process and run in alternating order, round by round (the load of a shared machine
+falls on all alike; the median of the rounds); then each variant's peak RSS in a process of its
+own (default session options, every core). Prints a markdown table and writes
 benchmarks/runtime.png (latency against length).
 
     python benchmarks/bench_runtime.py [--layers 2] [--archs llama qwen2] [--json OUT]
@@ -108,59 +109,70 @@ def make_variant(original: str, variant: str) -> tuple[str, dict]:
     return path, json.load(open(info_path))
 
 
-def measure(path: str) -> dict:
-    """In this (fresh) process: latencies in ms (median) and the peak RSS in MiB."""
+def measure(paths: dict[str, str]) -> dict[str, dict]:
+    """In this (fresh) process: every variant's session side by side, each timed run of one
+    variant followed by one of each other (the order reversed every round), so that the load of
+    a shared machine falls on all alike; latencies in ms, the median of the rounds."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
-    kv_heads, head = past_inputs[0].shape[1], past_inputs[0].shape[3]
+    sessions = {v: ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for v, p in paths.items()}
+    first = next(iter(sessions.values()))
+    past_inputs = [i.name for i in first.get_inputs() if i.name.startswith("past_key_values")]
+    kv_heads, head = SHAPE["num_key_value_heads"], SHAPE["head_dim"]
     rng = np.random.default_rng(0)
 
     def feeds(seq: int, past: int) -> dict:
         result = {"input_ids": rng.integers(0, SHAPE["vocab_size"], (1, seq)),
                   "attention_mask": np.ones((1, past + seq), np.int64)}
-        result.update({i.name: rng.standard_normal((1, kv_heads, past, head)).astype(np.float32)
-                       for i in past_inputs})
+        result.update({n: rng.standard_normal((1, kv_heads, past, head)).astype(np.float32) for n in past_inputs})
         return result
 
-    def timed(inputs: dict, repeat: int) -> float:
-        if repeat > 1:
-            session.run(None, inputs)  # warm-up (the longest prefill is warmed by the shorter)
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            session.run(None, inputs)
-            times.append(time.perf_counter() - started)
-        return round(1000 * float(np.median(times)), 2)
+    def timed(inputs: dict, rounds: int) -> dict[str, float]:
+        times: dict[str, list[float]] = {v: [] for v in sessions}
+        for number in range(rounds + 1):  # round 0 warms up
+            for variant in (list(sessions) if number % 2 else reversed(list(sessions))):
+                started = time.perf_counter()
+                sessions[variant].run(None, inputs)
+                if number:
+                    times[variant].append(time.perf_counter() - started)
+        return {v: round(1000 * float(np.median(t)), 2) for v, t in times.items()}
 
-    prefill = {s: timed(feeds(s, 0), {128: 3, 512: 2}.get(s, 1)) for s in PREFILL}
-    decode = {p: timed(feeds(1, p), 8) for p in DECODE}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"prefill": prefill, "decode": decode, "peak_rss_mib": round(peak)}
-
-
-def measure_variants(paths: dict[str, str], passes: int) -> dict[str, dict]:
-    """Each variant measured `passes` times, the order reversed every other pass; per cell the
-    fastest pass (a shared machine's load comes and goes), per variant the highest peak RSS."""
-    runs: dict[str, list[dict]] = {variant: [] for variant in paths}
-    for number in range(passes):
-        for variant in (list(paths) if number % 2 == 0 else reversed(list(paths))):
-            runs[variant].append(run_measurement(paths[variant]))
-    return {variant: _fastest(found) for variant, found in runs.items()}
+    prefill = {s: timed(feeds(s, 0), {128: 7, 512: 5}.get(s, 3)) for s in PREFILL}
+    decode = {p: timed(feeds(1, p), 15) for p in DECODE}
+    return {v: {"prefill": {s: prefill[s][v] for s in PREFILL}, "decode": {p: decode[p][v] for p in DECODE}}
+            for v in sessions}
 
 
-def _fastest(runs: list[dict]) -> dict:
-    failed = [r for r in runs if "error" in r]
-    if failed:
-        return failed[0]
-    return {"prefill": {s: min(r["prefill"][s] for r in runs) for s in runs[0]["prefill"]},
-            "decode": {p: min(r["decode"][p] for r in runs) for p in runs[0]["decode"]},
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+def peak_rss(path: str) -> int:
+    """In this (fresh) process: MiB of peak RSS for a session that runs the longest prefill and
+    the longest decode."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    past_inputs = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    kv_heads, head = SHAPE["num_key_value_heads"], SHAPE["head_dim"]
+    for seq, past in ((PREFILL[-1], 0), (1, DECODE[-1])):
+        inputs = {"input_ids": np.zeros((1, seq), np.int64), "attention_mask": np.ones((1, past + seq), np.int64)}
+        inputs.update({n: np.zeros((1, kv_heads, past, head), np.float32) for n in past_inputs})
+        session.run(None, inputs)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def run_measurement(path: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--measure", path], capture_output=True, text=True)
+def measure_variants(paths: dict[str, str]) -> dict[str, dict]:
+    """Latencies of all variants in one process, then each variant's peak RSS in its own."""
+    found = _subprocess(["--measure", json.dumps(paths)])
+    if "error" in found:
+        return {v: found for v in paths}
+    for variant, path in paths.items():  # JSON made the lengths strings
+        found[variant] = {phase: {int(n): ms for n, ms in found[variant][phase].items()}
+                          for phase in ("prefill", "decode")}
+        rss = _subprocess(["--peak", path])
+        found[variant]["peak_rss_mib"] = rss.get("peak", "failed")
+    return found
+
+
+def _subprocess(arguments: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -210,12 +222,15 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--archs", nargs="+", default=["llama", "qwen2"])
     parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
-    parser.add_argument("--passes", type=int, default=2, help="measurements per variant (fastest kept)")
     parser.add_argument("--json")
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # JSON {variant: path}
+    parser.add_argument("--peak", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    if args.peak:
+        print(json.dumps({"peak": peak_rss(args.peak)}))
         return
     os.makedirs(OUT, exist_ok=True)
     rows = []
@@ -229,7 +244,7 @@ def main(argv=None) -> None:
                     paths[variant], infos[variant] = make_variant(original, variant)
                 except Exception as exc:  # a tool that fails is a row of the table, not the end
                     failures[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:150]}"}
-            timings = {**measure_variants(paths, args.passes), **failures}
+            timings = {**measure_variants(paths), **failures}
             for variant in VARIANTS:
                 rows.append({"model": model, "variant": variant, "info": infos.get(variant, {}),
                              "timing": timings[variant]})
