@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -155,7 +154,11 @@ def peak_rss(path: str) -> int:
         inputs = {"input_ids": np.zeros((1, seq), np.int64), "attention_mask": np.ones((1, past + seq), np.int64)}
         inputs.update({n: np.zeros((1, kv_heads, past, head), np.float32) for n in past_inputs})
         session.run(None, inputs)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's high-water mark across
+    # fork and exec (the parent holds the models it fused).
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return round(kib / 1024)
 
 
 def measure_variants(paths: dict[str, str]) -> dict[str, dict]:
