@@ -128,11 +128,7 @@ def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     """RotaryEmbedding on 4-D [batch, heads, seq, head] input, the form TensorRT's parser takes:
     x before the head transpose is transposed there and back, a 3-D single head gets a heads axis.
     The caches and the [batch, seq] position ids are built once and shared by every layer."""
-    cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
-    sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
-    # A 3-D x folds the heads into its batch, so q and k need position ids of their own.
-    batch_of = id(spec.input) if spec.layout == "bsh" else None
-    positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: rotary_position_ids(spec, rw))
+    cos, sin, positions = rotary_inputs(spec, rw)
     attrs = {"interleaved": int(spec.interleaved),
              "rotary_embedding_dim": 0 if spec.rotary_dim == spec.head_size else spec.rotary_dim}
     if spec.layout == "bnsh":
@@ -149,7 +145,17 @@ def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     rw.op("Squeeze", [y, heads_axis], outputs=[spec.output])
 
 
-def rotary_position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
+def rotary_inputs(spec: RotarySpec, rw: Rewrite) -> tuple[Tensor, Tensor, Tensor]:
+    """The cos and sin caches and the position ids, built once and shared by every layer."""
+    cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
+    sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
+    # A 3-D x folds the heads into its batch, so q and k need position ids of their own.
+    batch_of = id(spec.input) if spec.layout == "bsh" else None
+    positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: _position_ids(spec, rw))
+    return cos, sin, positions
+
+
+def _position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
     """The graph's positions as RotaryEmbedding wants them: INT64 [batch, seq]."""
     positions = spec.positions
     if onnx_dtype(positions) != onnx.TensorProto.INT64:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..graph import Graph, Node, Tensor
 from ..rewrite import Fused, PassResult, Reject, Rewrite
 from ..specs import AttentionSpec, RotarySpec
-from .onnx import rotary_position_ids
+from .onnx import rotary_inputs
 from .ort_attention import GQA
 from .ort_kernels import CONTRIB
 
@@ -30,11 +30,7 @@ ROTARY = "RotaryEmbedding"
 def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     """RotaryEmbedding on [B, N, S, H] (x before the head transpose is transposed there and
     back) or, for a 3-D single head, on [B, S, H] as one head."""
-    cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
-    sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
-    batch_of = id(spec.input) if spec.layout == "bsh" else None  # 3-D x folds heads into batch
-    positions = rw.shared(("rope_positions", id(spec.positions), batch_of),
-                          lambda: rotary_position_ids(spec, rw))
+    cos, sin, positions = rotary_inputs(spec, rw)
     # The kernel reads the head count of 4-D input from its shape; the attribute must only be
     # set (to anything) whenever rotary_embedding_dim is: tests/test_target_ort.py shows both.
     attrs = {"interleaved": int(spec.interleaved), "num_heads": 1}
