@@ -14,6 +14,7 @@ if not _os.path.isdir(_os.path.join(_here, "patterns")) and _os.path.isfile(
 from .api import fuse  # noqa: E402
 from .errors import BadInput, CheckFailed  # noqa: E402
 from .result import FuseResult  # noqa: E402
+from .tolerances import Tolerances  # noqa: E402
 
-__all__ = ["fuse", "FuseResult", "BadInput", "CheckFailed"]
+__all__ = ["fuse", "FuseResult", "BadInput", "CheckFailed", "Tolerances"]
 __version__ = "0.1.0"

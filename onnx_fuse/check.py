@@ -8,16 +8,18 @@ The inputs are synthesized so that they exercise the model the way real use does
 inside the vocabulary, a 0/1 attention mask with a left-padded row, position ids consistent
 with that mask, a non-empty KV cache, and distinct sizes for distinct symbolic dimensions
 (so that a rewrite which mixes up two axes cannot pass by accident). Relations between
-dimensions that the model does not declare are found by trying candidates on the reference.
+dimensions that the model does not declare are read from the graph (dim_relations.py, sized by
+input_plan.py), else found by trying candidates on the reference. A model whose boolean inputs
+are If conditions is checked once per branch.
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,11 +29,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import runtime
+from .dim_relations import find_relations
 from .errors import first_line
-from .dims import dim_symbols, eval_dim
+from .input_plan import branch_cases, plan_sizes
+from .widen import WidenError, has_bfloat16, widened, widened_inputs
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from .tolerances import Tolerances
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -42,14 +48,6 @@ _TOLERANCES: dict[np.dtype, tuple[float, float]] = {
     np.dtype(np.float16): (1e-2, 1e-2),
     _BF16: (5e-2, 5e-2),
 }
-
-# Sizes given to symbolic dimensions by role. Batch comes from the caller.
-_PAST = 3  # a non-empty KV cache, so the cache path is exercised
-_SEQ = 5
-_IMAGE_SIDE = 224  # vision models with dynamic height/width usually need the trained size
-
-# How many dimension assignments to try on the reference before giving up.
-_MAX_ATTEMPTS = 32
 
 # Ops through which an integer input still "is" the index of a Gather, and through which a
 # Gather's data still "is" a constant table.
@@ -71,6 +69,10 @@ class OutputDiff:
     # Agrees everywhere except at padded token positions (attention_mask 0), whose outputs
     # are undefined: a softmax over a fully masked row is computed differently by every kernel.
     only_padding_differs: bool = False
+    # Error statistics as Polygraphy reports them: {"abs"|"rel": {"max", "mean", "median",
+    # "p99"}} over the entries finite in both, and the tolerance applied ({"atol", "rtol"}).
+    stats: dict | None = None
+    tolerance: dict | None = None
 
 
 @dataclass
@@ -78,11 +80,13 @@ class CheckResult:
     passed: bool
     outputs: dict[str, OutputDiff]  # every output of the reference model
     message: str  # one line, for humans
+    checked_as: str | None = None  # "float32": bfloat16 models were run widened (widen.py)
 
     def to_json(self) -> dict:
         """Plain JSON-able dict; inf/NaN (a missing or unrunnable output) become None,
         because JSON has no representation for them."""
-        return {
+        extra = {"checked_as": self.checked_as} if self.checked_as else {}
+        return extra | {
             "passed": self.passed,
             "outputs": {
                 name: {
@@ -90,6 +94,8 @@ class CheckResult:
                     "max_rel": _json_float(diff.max_rel),
                     "passed": diff.passed,
                     "only_padding_differs": diff.only_padding_differs,
+                    **({"stats": diff.stats} if diff.stats is not None else {}),
+                    **({"tolerance": diff.tolerance} if diff.tolerance is not None else {}),
                 }
                 for name, diff in self.outputs.items()
             },
@@ -156,12 +162,34 @@ def _from_ort(value: onnxruntime.OrtValue) -> np.ndarray:
 
 
 def synthesize_inputs(model: ModelRef, *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs that respect the model's structure (see module docstring).
+    """Inputs that respect the model's structure (see module docstring); for a model with If
+    conditions among its inputs, those of the first case (synthesize_cases has them all).
 
-    Raises CheckError when the model leaves dimension relations open and none of the
-    assignments tried lets it run.
+    Raises CheckError when none of the size assignments tried lets the model run.
     """
-    return _synthesize(model, batch, seed)[0]
+    return synthesize_cases(model, batch=batch, seed=seed)[0].inputs
+
+
+@dataclass
+class InputCase:
+    """One input set the check runs, and the reference's outputs on it once they were needed
+    to find it."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray] | None = None
+    label: str = ""  # which If conditions it sets ("use_cache_branch=True"); "" when none
+
+
+def synthesize_cases(model: ModelRef, *, batch: int = 2, seed: int = 0) -> list[InputCase]:
+    """One input set per combination of the boolean If conditions among the inputs (both
+    branches of optimum's merged decoder), each sized for the branch it selects; one set for
+    a model without such inputs."""
+    cases = []
+    for branches in branch_cases(model.model):
+        inputs, outputs = _synthesize(model, batch, seed, branches)
+        label = ", ".join(f"{name}={value}" for name, value in branches.items())
+        cases.append(InputCase(inputs, outputs, label))
+    return cases
 
 
 @dataclass
@@ -174,32 +202,29 @@ class _Input:
 
 
 def _synthesize(
-    model: ModelRef, batch: int, seed: int
+    model: ModelRef, batch: int, seed: int, branches: dict[str, bool] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Synthesize inputs, plus the model's outputs on them when finding them took running
     the model, so that a caller need not run it again."""
     specs = input_specs(model.model)
-    fixed, past, choices = _plan_dims(specs, batch)
-    assignments = [
-        {**fixed, **{sym: options[i] for (sym, options), i in zip(choices, combo)}}
-        for combo in itertools.islice(_by_deviation([len(o) for _, o in choices]), _MAX_ATTEMPTS)
-    ]
-    if len(assignments) == 1:
-        return _fill(specs, assignments[0], past, seed), None
+    plan = plan_sizes(specs, find_relations(model.model, branches), batch)
+    branches = branches or {}
+    if len(plan.assignments) == 1:
+        return _fill(specs, plan.assignments[0], plan.past, seed, branches), None
     try:
         session = session_for(model)
     except Exception as e:
         raise CheckError(f"reference model failed to load: {first_line(e)}") from e
     errors = []
-    for values in assignments:
+    for sizes in plan.assignments:
         try:
-            inputs = _fill(specs, values, past, seed)
+            inputs = _fill(specs, sizes, plan.past, seed, branches)
             return inputs, run_session(session, inputs)
         except Exception as e:  # any failure just means "not this assignment"
             errors.append(e)
     raise CheckError(
-        f"reference model did not run with any of {len(assignments)} input shape assignments; "
-        f"first error: {first_line(errors[0])}"
+        f"reference model did not run with any of {len(plan.assignments)} input shape "
+        f"assignments; first error: {first_line(errors[0])}"
     )
 
 
@@ -215,8 +240,11 @@ def input_specs(model: onnx.ModelProto) -> list[_Input]:
             raise CheckError(f"cannot synthesize input '{value.name}': not a tensor")
         tensor_type = value.type.tensor_type
         # No shape at all reads as a scalar; unknown dims become symbols of their own.
+        # A size written as a string ('2': transformers' exporter) is a size.
         dims = [
-            dim.dim_value if dim.dim_value > 0 else dim.dim_param or f"?{value.name}:{axis}"
+            dim.dim_value if dim.dim_value > 0
+            else int(dim.dim_param) if dim.dim_param.strip().isdigit()
+            else dim.dim_param or f"?{value.name}:{axis}"
             for axis, dim in enumerate(tensor_type.shape.dim)
         ]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
@@ -245,10 +273,11 @@ def _kind(spec: _Input) -> str:
 def _gather_table_rows(graph: onnx.GraphProto) -> dict[str, int]:
     """For each graph input used (through shape-only ops) as Gather indices into a constant
     table, the number of rows of the smallest such table: the valid index range."""
-    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    scopes = list(_scopes(graph))
+    shapes = {t.name: list(t.dims) for scope in scopes for t in scope.initializer}
     producer: dict[str, onnx.NodeProto] = {}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in graph.node:
+    for node in (node for scope in scopes for node in scope.node):
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
@@ -280,87 +309,26 @@ def _gather_table_rows(graph: onnx.GraphProto) -> dict[str, int]:
     return {value.name: r for value in graph.input if (r := rows(value.name)) is not None}
 
 
-def _plan_dims(
-    specs: list[_Input], batch: int
-) -> tuple[dict[str, int], int, list[tuple[str, list[int]]]]:
-    """Give symbolic dimensions sizes by role.
-
-    Returns the fixed sizes, the past length (0 without a KV cache), and for each remaining
-    free symbol its candidate sizes in order of preference.
-    """
-    fixed: dict[str, int] = {}
-    past = 0
-    for spec in specs:
-        dims, simple = spec.dims, [isinstance(d, str) and dim_symbols(d) == (d,) for d in spec.dims]
-        if len(dims) >= 2 and simple[0]:
-            fixed[dims[0]] = batch
-        if len(dims) == 4 and _is_float(spec.dtype) and isinstance(dims[1], int):
-            if isinstance(dims[3], int) and simple[2]:  # KV cache [batch, heads, past, head_dim]
-                fixed[dims[2]] = past = _PAST
-            elif simple[2] and simple[3]:  # image [batch, channels, height, width]
-                fixed[dims[2]] = fixed[dims[3]] = _IMAGE_SIDE
-
-    def free_symbols(group: Iterable[_Input]) -> list[str]:
-        dims = (d for s in group for d in s.dims if isinstance(d, str))
-        found = (sym for d in dims for sym in dim_symbols(d))
-        return [sym for sym in dict.fromkeys(found) if sym not in fixed]
-
-    # The sequence length comes from token ids if possible, never from a mask alone: a
-    # mask's length may include the past.
-    ordered = sorted(specs, key=lambda s: s.kind != "ids")
-    unmasked = free_symbols(s for s in ordered if s.kind != "mask")
-    if unmasked:
-        fixed[unmasked[0]] = seq = _SEQ
-    else:  # e.g. a decode-step export with input_ids fixed to [batch, 1]
-        lengths = (s.dims[-1] for s in ordered if s.kind in ("ids", "position"))
-        seq = next((n for n in lengths if isinstance(n, int)), _SEQ)
-    # A fixed-size cache [batch, heads, cache_len, head_dim] written at 1-D positions (Hugging
-    # Face's cache_position): positions arange(past, past + seq) with a non-empty past that
-    # still fits in the cache.
-    static = [s.dims[2] for s in specs if len(s.dims) == 4 and _is_float(s.dtype)
-              and all(isinstance(d, int) for d in s.dims[1:])]
-    if not past and static and any(s.kind == "position" and len(s.dims) == 1 for s in specs):
-        past = min(_PAST, max(0, min(static) - seq))
-
-    mask_symbols = set(free_symbols(s for s in specs if s.kind == "mask"))
-    used = {batch, past, seq, past + seq}
-    distinct = (n for n in itertools.count(seq + 1) if n not in used)
-    choices = []
-    for sym in free_symbols(ordered):
-        own = next(distinct)
-        # A mask's length is almost always past + seq even when the export named it apart;
-        # anything else gets a size of its own first, so axis mix-ups show.
-        options = [past + seq, seq, own] if sym in mask_symbols else [own, seq, past + seq]
-        choices.append((sym, list(dict.fromkeys(options))))
-    return fixed, past, choices
+def _scopes(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and its If/Loop/Scan bodies, which read outer tensors (the embedding of
+    optimum's merged decoder sits in its branches)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _scopes(body)
 
 
-def _by_deviation(sizes: list[int]) -> Iterator[tuple[int, ...]]:
-    """All index tuples (index i below sizes[i]) ordered by how far they are from all-first
-    choices, so the preferred assignment is tried first and one change at a time after."""
-    for budget in range(sum(sizes) - len(sizes) + 1):
-        yield from _with_sum(sizes, budget)
-
-
-def _with_sum(sizes: list[int], budget: int) -> Iterator[tuple[int, ...]]:
-    if not sizes:
-        if budget == 0:
-            yield ()
-        return
-    for first in range(min(sizes[0] - 1, budget) + 1):
-        for rest in _with_sum(sizes[1:], budget - first):
-            yield (first, *rest)
-
-
-def _fill(
-    specs: list[_Input], values: dict[str, int], past: int, seed: int
-) -> dict[str, np.ndarray]:
+def _fill(specs: list[_Input], sizes: dict[tuple[str, int], int], past: int, seed: int,
+          branches: dict[str, bool]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     # Positions last: they are derived from the mask.
     for spec in sorted(specs, key=lambda s: s.kind == "position"):
-        shape = tuple(d if isinstance(d, int) else eval_dim(d, values) for d in spec.dims)
-        if spec.kind == "ids":
+        shape = tuple(d if isinstance(d, int) else sizes[spec.name, axis] for axis, d in enumerate(spec.dims))
+        if spec.name in branches:
+            array = np.full(shape, branches[spec.name])
+        elif spec.kind == "ids":
             array = rng.integers(0, spec.table_rows, size=shape)
         elif spec.kind == "mask":
             array = _mask(shape, past)
@@ -410,66 +378,130 @@ def check_equivalent(
     *,
     seed: int = 0,
     reference_outputs: dict[str, np.ndarray] | None = None,
+    tolerances: Tolerances | None = None,
+    batch: int = 2,
 ) -> CheckResult:
     """Run both models on the same inputs and compare every reference output.
 
-    `inputs` default to synthesized ones. `reference_outputs` must have been computed from
-    `inputs` (so passing it requires passing `inputs`). A candidate that fails to load or
-    run is a failed check, not an exception; a reference that fails raises CheckError.
+    `inputs` default to synthesized ones (every case of synthesize_cases, `batch` rows).
+    `reference_outputs` must have been computed from `inputs` (so passing it requires passing
+    `inputs`). `tolerances` overrides the dtype's tolerance globally or per output
+    (tolerances.py). A candidate that fails to load or run is a failed check, not an exception;
+    a reference that fails raises CheckError.
     """
-    if reference_outputs is None:
-        if inputs is None:
-            inputs, reference_outputs = _synthesize(reference, 2, seed)
-        if reference_outputs is None:
-            try:
-                reference_outputs = run_model(reference, inputs)
-            except Exception as e:
-                raise CheckError(f"reference model failed to run: {first_line(e)}") from e
-    elif inputs is None:
+    if inputs is None and reference_outputs is not None:
         raise ValueError("reference_outputs given without the inputs they were computed from")
+    widen = has_bfloat16(reference.model) or has_bfloat16(candidate.model)
+    if widen:  # onnxruntime's CPU provider cannot run bfloat16: both run as float32
+        reference, candidate = runnable_as_float32(reference), runnable_as_float32(candidate)
+        inputs = None if inputs is None else widened_inputs(inputs)
+        reference_outputs = None if reference_outputs is None else widened_inputs(reference_outputs)
+    if inputs is None:
+        cases = synthesize_cases(reference, batch=batch, seed=seed)
+    else:
+        cases = [InputCase(inputs, reference_outputs)]
+    outcome = merge_results([check_case(reference, candidate, case, tolerances) for case in cases],
+                            [case.label for case in cases])
+    outcome.checked_as = "float32" if widen else None
+    return outcome
 
+
+def runnable_as_float32(model: ModelRef) -> ModelRef:
+    """A bfloat16 model widened to float32 (widen.py), as onnxruntime's CPU provider runs it."""
+    if not has_bfloat16(model.model):
+        return model
     try:
-        candidate_outputs = run_model(candidate, inputs)
+        return ModelRef(widened(model.model, model.base_dir), model.base_dir)
+    except WidenError as exc:
+        raise CheckError(f"cannot check the bfloat16 model as float32: {exc}") from None
+
+
+def check_case(reference: ModelRef, candidate: ModelRef, case: InputCase,
+               tolerances: Tolerances | None = None) -> CheckResult:
+    """Both models on one input set (the reference's outputs are kept in the case)."""
+    if case.outputs is None:
+        try:
+            case.outputs = run_model(reference, case.inputs)
+        except Exception as e:
+            raise CheckError(f"reference model failed to run: {first_line(e)}") from e
+    try:
+        candidate_outputs = run_model(candidate, case.inputs)
     except Exception as e:  # onnxruntime raises many unrelated exception types
         return CheckResult(
             passed=False,
-            outputs={name: _incomparable() for name in reference_outputs},
+            outputs={name: _incomparable() for name in case.outputs},
             message=f"candidate failed to run: {first_line(e)}",
         )
+    return compare_outputs(reference.model, case.inputs, case.outputs, candidate_outputs, tolerances)
 
+
+def compare_outputs(model: onnx.ModelProto, inputs: dict[str, np.ndarray],
+                    expected_outputs: dict[str, np.ndarray],
+                    actual_outputs: dict[str, np.ndarray],
+                    tolerances: Tolerances | None = None) -> CheckResult:
+    """Every expected output against the actual one, within the dtype's tolerance or
+    `tolerances`; outputs at padded tokens (by the mask among `inputs`, the inputs of `model`)
+    may differ."""
     diffs: dict[str, OutputDiff] = {}
     problems: list[str] = []
-    padding = _padding_mask(reference.model, inputs)
-    for name, expected in reference_outputs.items():
-        if name not in candidate_outputs:
+    padding = _padding_mask(model, inputs)
+    for name, expected in expected_outputs.items():
+        if name not in actual_outputs:
             diffs[name] = _incomparable()
             problems.append(f"output '{name}' is missing from the candidate")
             continue
-        diffs[name], problem = compare_output(candidate_outputs[name], expected)
-        padded = _padded_positions(padding, _query_length(reference.model, inputs),
+        tolerance = tolerances.resolve(name, _TOLERANCES.get(expected.dtype)) if tolerances else None
+        diffs[name], problem = compare_output(actual_outputs[name], expected, tolerance)
+        padded = _padded_positions(padding, _query_length(model, inputs),
                                    expected.shape) if problem else None
         if padded is not None:
-            valid, _ = compare_output(np.where(padded, 0, candidate_outputs[name]), np.where(padded, 0, expected))
+            valid, _ = compare_output(np.where(padded, 0, actual_outputs[name]),
+                                      np.where(padded, 0, expected), tolerance)
             if valid.passed:
-                diffs[name] = OutputDiff(diffs[name].max_abs, diffs[name].max_rel, True, True)
+                diffs[name] = dataclasses.replace(diffs[name], passed=True, only_padding_differs=True)
                 continue
         if problem:
             problems.append(f"output '{name}' differs: {problem}")
+    return CheckResult(passed=not problems, outputs=diffs, message=_verdict(diffs, problems))
 
+
+def _verdict(diffs: dict[str, OutputDiff], problems: list[str]) -> str:
+    """The check's one line for humans."""
     padding_only = [name for name, d in diffs.items() if d.only_padding_differs]
     if not problems and padding_only:
-        message = (f"{'all outputs agree' if len(diffs) > 1 else 'the output agrees'} at every "
-                   f"token that is not padding; {', '.join(padding_only)} differ only at padded "
-                   "positions (undefined there)")
-    elif not problems:
-        message = f"all {len(diffs)} outputs agree" if len(diffs) != 1 else "the 1 output agrees"
+        return (f"{'all outputs agree' if len(diffs) > 1 else 'the output agrees'} at every "
+                f"token that is not padding; {', '.join(padding_only)} differ only at padded "
+                "positions (undefined there)")
+    if not problems:
+        return f"all {len(diffs)} outputs agree" if len(diffs) != 1 else "the 1 output agrees"
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def merge_results(results: list[CheckResult], labels: list[str]) -> CheckResult:
+    """One verdict over several input sets: every output's worst difference, the first failure."""
+    if len(results) == 1:
+        return results[0]
+    outputs: dict[str, OutputDiff] = {}
+    for result in results:
+        for name, diff in result.outputs.items():
+            seen = outputs.get(name, diff)
+            worst = diff if diff.max_abs >= seen.max_abs else seen  # its statistics stand
+            outputs[name] = dataclasses.replace(
+                worst, max_abs=max(seen.max_abs, diff.max_abs), max_rel=max(seen.max_rel, diff.max_rel),
+                passed=seen.passed and diff.passed,
+                only_padding_differs=seen.only_padding_differs or diff.only_padding_differs)
+    failed = [(label, r) for label, r in zip(labels, results) if not r.passed]
+    if failed:
+        message = f"{failed[0][1].message} (inputs {failed[0][0]})"
     else:
-        message = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-    return CheckResult(passed=not problems, outputs=diffs, message=message)
+        message = f"{results[0].message} with each input set ({'; '.join(labels)})"
+    return CheckResult(passed=not failed, outputs=outputs, message=message)
 
 
-def compare_output(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff, str | None]:
-    """Diff of one output and, if it fails, why (for the message)."""
+def compare_output(actual: np.ndarray, expected: np.ndarray,
+                   tolerance: tuple[float, float] | None = None) -> tuple[OutputDiff, str | None]:
+    """Diff of one output and, if it fails, why (for the message). `tolerance` (atol, rtol)
+    replaces the dtype's for floating outputs."""
     if actual.shape != expected.shape:
         return _incomparable(), f"shape {actual.shape} vs reference {expected.shape}"
     if actual.dtype != expected.dtype:
@@ -484,8 +516,10 @@ def compare_output(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff
     max_rel = float(rel_diff.max(initial=0.0))
 
     problem = None
+    applied = None
     if _is_float(expected.dtype):
-        atol, rtol = _TOLERANCES[expected.dtype]
+        atol, rtol = tolerance or _TOLERANCES[expected.dtype]
+        applied = {"atol": atol, "rtol": rtol}
         # NaN equals NaN at the same place; infinities must match exactly.
         if not np.all(((np.isnan(a) & np.isnan(b)) | (a == b))[~finite]):
             problem = "NaN/inf positions or signs differ"
@@ -493,7 +527,17 @@ def compare_output(actual: np.ndarray, expected: np.ndarray) -> tuple[OutputDiff
             problem = f"max_abs {max_abs:.3g} (tolerance atol {atol:g}, rtol {rtol:g})"
     elif not np.array_equal(actual, expected):
         problem = f"max_abs {max_abs:.3g} (exact match required)"
-    return OutputDiff(max_abs, max_rel, problem is None), problem
+    stats = {"abs": _error_stats(abs_diff), "rel": _error_stats(rel_diff)}
+    return OutputDiff(max_abs, max_rel, problem is None, stats=stats, tolerance=applied), problem
+
+
+def _error_stats(errors: np.ndarray) -> dict[str, float]:
+    """max, mean, median and 99th percentile of elementwise errors (0 for an empty output)."""
+    if errors.size == 0:
+        return {"max": 0.0, "mean": 0.0, "median": 0.0, "p99": 0.0}
+    median, p99 = np.percentile(errors, [50, 99])
+    return {"max": float(errors.max()), "mean": float(errors.mean()),
+            "median": float(median), "p99": float(p99)}
 
 
 def _padding_mask(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -1,5 +1,5 @@
-"""The fusion pass: match every rule, raise the opset if the emitted ops need it, rewrite, export,
-and prove the result equal to the input.
+"""The fusion pass: repair what the exporter wrote invalid (repair.py), match every rule, raise the
+opset if the emitted ops need it, rewrite, export, and prove the result equal to the input.
 
 The opset is raised to what the fused ops need: the target's floor, or more where a spec that
 fused declares it (`min_opset`: TensorScatter needs 24). The model is matched at the floor first
@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import onnx
 
+from . import progress
 from .errors import CheckFailed
 from .export import export
 from .graph import Graph, Options
 from .model_io import SourceModel
 from .opset import OpsetError, default_opset, raise_opset
 from .proof import Prover
+from .repair import repair_model
 from .result import FuseResult, attach_contract, describe
 from .rewrite import PassResult, Unfused, run_rules
 from .targets import Target
@@ -34,25 +36,44 @@ def fuse_source(source: SourceModel, target: Target, options: Options, prover: P
     from_opset = default_opset(source.model)
     report: dict = {"target": target.name, "counts": {}, "fused": [], "unfused": [], "check": None,
                     "opset": {"from": from_opset, "to": from_opset}}
+    source = _repaired(source, prover, report)
     attempt = _Attempt(None, PassResult(), source.model, from_opset)
     rules = _rules()
     if _has_anchors(source.model, rules):  # a model without candidates is not even imported
         attempt = _Pass(source, rules, options, prover, apply).run(target)
     report["opset"]["to"] = attempt.opset
     describe(report, attempt.result.fused, attempt.result.unfused)
-    changed = apply and bool(attempt.result.fused)
-    output = export(attempt.graph, attempt.template, target.domains) if changed else source.model
-    if changed:
+    rewritten = apply and bool(attempt.result.fused)
+    output = export(attempt.graph, attempt.template, target.domains) if rewritten else source.model
+    if rewritten:
         attach_contract(report, target.contract(output), target.contract_name)
+        if target.notes():
+            report["target_notes"] = target.notes()
+    changed = apply and (rewritten or bool(report["repairs"]))
     fused = FuseResult(output, report, source.base_dir, changed, source.path,
-                       attempt.result.fused, attempt.result.unfused)
-    if prover is not None and changed:
+                       attempt.result.fused, attempt.result.unfused, source)
+    if prover is not None and rewritten:
         try:
             prover.require(output, "the fused model")
         finally:
             report["check"] = prover.last
     report["seconds"] = round(time.perf_counter() - started, 3)
     return fused
+
+
+def _repaired(source: SourceModel, prover: Prover | None, report: dict) -> SourceModel:
+    """The source with exporter-broken ops repaired (repair.py; listed in the report's
+    `repairs`), proven against it when checking (`repair_check`): the source from here on."""
+    model, repairs = repair_model(source.model)
+    report["repairs"] = [r.to_json() for r in repairs]
+    if not repairs:
+        return source
+    if prover is not None:
+        try:
+            prover.require_repair(model)
+        finally:
+            report["repair_check"] = prover.last
+    return SourceModel(model, source.base_dir, source.path)
 
 
 @dataclass
@@ -113,11 +134,13 @@ class _Pass:
 
     def _graph(self, model: onnx.ModelProto) -> Graph:
         """The graph to match on: `model` (weights possibly set aside) with inferred shapes."""
+        progress.phase("load", "shapes and graph")
         return Graph(self.weights.restore(_with_shapes(model)), self.source.base_dir, self.options)
 
     def _convert(self, version: int) -> onnx.ModelProto:
         """The model raised to opset `version`, its large weights possibly still set aside."""
         model, weights = self.source.model, self.weights
+        progress.phase("load", f"opset {self.from_opset} -> {version}")
         if weights.lean is model:
             return raise_opset(model, version)
         try:
@@ -156,8 +179,17 @@ def _rules():
 
 
 def _has_anchors(model: onnx.ModelProto, rules) -> bool:
+    """Whether some node, in the graph or in an If/Loop/Scan body, is a rule's anchor."""
     anchors = {rule.anchor for rule in rules}
-    return any(node.op_type in anchors for node in model.graph.node)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.op_type in anchors:
+                return True
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+            graphs.extend(g for a in node.attribute for g in a.graphs)
+    return False
 
 
 def _opset_reason(from_opset: int, to_opset: int, exc: Exception) -> str:
@@ -174,5 +206,5 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _blocked(result: PassResult, reason: str) -> PassResult:
     blocked = PassResult(unfused=list(result.unfused))
-    blocked.unfused += [Unfused(f.anchor, f.rule, reason) for f in result.fused]
+    blocked.unfused += [Unfused(f.anchor, f.rule, reason, f.position) for f in result.fused]
     return blocked

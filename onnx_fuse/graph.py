@@ -44,7 +44,12 @@ class Graph:
         self._by_op: dict[str, list[Node]] | None = None
         self._values: dict[int, np.ndarray | None] = {}
         self._fresh = FreshNames(model.graph)
-        self._output_ids = {id(t) for t in self.gs.outputs}
+        # Every node, those of If/Loop/Scan bodies too, and the graph each belongs to.
+        self.owner: dict[int, gs.Graph] = {}
+        self.all_nodes: list[Node] = []
+        self._collect(self.gs)
+        scopes = [self.gs, *{id(g): g for g in self.owner.values()}.values()]
+        self._output_ids = {id(t) for scope in scopes for t in scope.outputs}
         self.fused_by: dict[str, str] = {}  # name of each node a rule created -> rule name
         self.shared: dict = {}  # tensors rewrites compute once and reuse (see Rewrite.shared)
         self.memo: dict = {}  # verifications rules make once per pass (see rewrite.once)
@@ -55,13 +60,26 @@ class Graph:
 
     # --- structure -------------------------------------------------------------------------
 
+    def _collect(self, graph: gs.Graph) -> None:
+        """Index `graph`'s nodes and, after each control-flow node, its bodies' (recursively)."""
+        for node in graph.nodes:
+            self.owner[id(node)] = graph
+            self.all_nodes.append(node)
+            for body in subgraphs(node):
+                self._collect(body)
+
     def nodes_of(self, op_type: str) -> list[Node]:
-        """Nodes of one op type in graph order (index built once per pass)."""
+        """Nodes of one op type in graph order, those inside If/Loop/Scan bodies included (the
+        index is built once per pass)."""
         if self._by_op is None:
             self._by_op = defaultdict(list)
-            for node in self.gs.nodes:
+            for node in self.all_nodes:
                 self._by_op[node.op].append(node)
         return list(self._by_op.get(op_type, ()))
+
+    def owner_of(self, node: Node) -> gs.Graph:
+        """The graph (the model's, or an If/Loop/Scan body) a node belongs to."""
+        return self.owner.get(id(node), self.gs)
 
     @staticmethod
     def producer(tensor: Tensor) -> Node | None:
@@ -98,25 +116,23 @@ class Graph:
 
     def _refine_shapes(self) -> None:
         """One forward pass in graph order: static dims that shape inference missed."""
-        for node in self.gs.nodes:
-            if len(node.outputs) != 1 or node.op not in _DERIVED:
+        for node in self.all_nodes:
+            if node.op not in _DERIVED or len(node.outputs) != 1 and node.op != "Split":
                 continue
-            inferred = node.outputs[0].shape
-            if inferred is not None and all(isinstance(d, int) for d in inferred):
+            if all(o.shape is not None and all(isinstance(d, int) for d in o.shape) for o in node.outputs):
                 continue  # fully static already: nothing to fill in
             try:
-                derived = _derive_shape(self, node)
+                derived = _split_shapes(self, node) if node.op == "Split" else [_derive_shape(self, node)]
             except (ValueError, TypeError, IndexError, KeyError, AttributeError):
                 derived = None
-            if derived is None:
-                continue
-            out = node.outputs[0]
-            inferred = out.shape
-            if inferred is not None:
-                if len(inferred) != len(derived):
+            for out, shape in zip(node.outputs, derived or []):
+                if shape is None:
                     continue
-                derived = [_merge_dim(i, d) for i, d in zip(inferred, derived)]
-            self._shapes[id(out)] = tuple(derived)
+                if out.shape is not None:
+                    if len(out.shape) != len(shape):
+                        continue
+                    shape = [_merge_dim(i, d) for i, d in zip(out.shape, shape)]
+                self._shapes[id(out)] = tuple(shape)
 
 
     # --- constant values -------------------------------------------------------------------
@@ -245,6 +261,17 @@ class Graph:
         return np.asarray(folder(node, inputs))
 
 
+def subgraphs(node: Node) -> list[gs.Graph]:
+    """The bodies a control-flow node carries (If's branches, Loop's and Scan's body)."""
+    found = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, list):
+            found.extend(v for v in value if isinstance(v, gs.Graph))
+    return found
+
+
 class FreshNames:
     """Node and tensor names a model does not use yet, made from a prefix."""
 
@@ -267,10 +294,13 @@ class FreshNames:
 
 
 _SAME_SHAPE = {"Cast", "Neg", "Sqrt", "Relu", "Softmax", "Identity", "Tanh", "Sigmoid", "Exp",
-               "Erf", "Not", "IsNaN", "IsInf", "Reciprocal", "CastLike", "Abs", "Log", "Sin", "Cos"}
+               "Erf", "Not", "IsNaN", "IsInf", "Reciprocal", "CastLike", "Abs", "Log", "Sin", "Cos",
+               "ScatterND", "ScatterElements"}  # a scatter's output is shaped like its data
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "And", "Or", "Equal", "Less",
               "LessOrEqual", "Greater", "GreaterOrEqual", "Where", "Xor", "Mod"}
-_DERIVED = _SAME_SHAPE | _BROADCAST | {"Transpose", "MatMul", "Reshape", "Expand", "Slice", "Concat"}  # see _derive_shape
+_DERIVED = _SAME_SHAPE | _BROADCAST | {"Transpose", "MatMul", "Reshape", "Expand", "Slice", "Concat",
+                                       "Split", "Squeeze", "Unsqueeze", "ConstantOfShape"}
+# (see _derive_shape, _split_shapes)
 
 
 def _merge_dim(inferred, derived):
@@ -355,7 +385,44 @@ def _derive_shape(graph: Graph, node: Node) -> tuple | None:
         return tuple(out)
     if node.op == "Slice" and shapes[0] is not None and len(node.inputs) >= 3:
         return _sliced_shape(graph, node, shapes[0])
+    if node.op in ("Squeeze", "Unsqueeze") and shapes[0] is not None:
+        return _squeezed_shape(graph, node, shapes[0])
+    if node.op == "ConstantOfShape":
+        dims = graph.dims(node.inputs[0])
+        return None if dims is None else tuple(None if isinstance(d, int) and d < 0 else d for d in dims)
     return None
+
+
+def _squeezed_shape(graph: Graph, node: Node, shape: tuple) -> tuple | None:
+    """Squeeze / Unsqueeze with constant axes (an input from opset 13, an attribute before)."""
+    axes = graph.value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("axes")
+    if axes is None:
+        return None
+    axes = [int(a) for a in np.ravel(axes)]
+    if node.op == "Squeeze":
+        dropped = {a % len(shape) for a in axes}
+        if any(shape[a] not in (1, None) for a in dropped):
+            return None
+        return tuple(d for i, d in enumerate(shape) if i not in dropped)
+    rank = len(shape) + len(axes)
+    inserted = {a % rank for a in axes}
+    rest = iter(shape)
+    return tuple(1 if i in inserted else next(rest) for i in range(rank))
+
+
+def _split_shapes(graph: Graph, node: Node) -> list[tuple | None]:
+    """Each Split output's dims: the input's, the split axis cut by the sizes (or evenly)."""
+    shape = graph.shape(node.inputs[0])
+    if shape is None:
+        return []
+    axis = node.attrs.get("axis", 0) % len(shape)
+    sizes = graph.value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else node.attrs.get("split")
+    parts = len(node.outputs)
+    if sizes is None:
+        sizes = [shape[axis] // parts] * parts if isinstance(shape[axis], int) and shape[axis] % parts == 0 \
+            else [None] * parts
+    return [tuple(shape[:axis]) + (None if size is None else int(size),) + tuple(shape[axis + 1:])
+            for size in np.ravel(sizes)] if len(np.ravel(sizes)) == parts else []
 
 
 def _sliced_shape(graph: Graph, node: Node, shape: tuple) -> tuple | None:
@@ -411,7 +478,8 @@ def dim_product(*dims) -> int | str | None:
 
 def is_integer(tensor: Tensor) -> bool:
     """The tensor's element type is known and an integer type."""
-    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.integer)
+    dtype = onnx_dtype(tensor)  # graphsurgeon keeps types numpy lacks (bfloat16) as ONNX enums
+    return dtype is not None and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(dtype), np.integer)
 
 
 def np_dtype(tensor: Tensor):

@@ -156,18 +156,20 @@ def make_static(source, fused: FuseResult, target, layout: Layout, cache_len: in
     """The fused model with its growing caches turned into fixed caches of `cache_len` slots,
     checked over decode steps against the source."""
     started = time.perf_counter()
-    windows = attention_windows(fused)
+    form = target.static_form() or StandardForm()
+    windows = attention_windows(fused, form.attention_op)
     try:
         model24 = raise_opset(fused.model, 24) if default_opset(fused.model) < 24 else fused.model
     except OpsetError as exc:
         raise BadInput(f"cannot raise the fused model to opset 24 for TensorScatter: {exc}") from None
-    static, section = convert(model24, layout, cache_len, source.base_dir, windows)
+    static, section = convert(model24, layout, cache_len, source.base_dir, windows, form)
     report = _report(fused.report, layout, section, cache_len)
     report["tensorrt"] = target.contract(static)
     result = FuseResult(static, report, source.base_dir, True, source.path, fused.fused, fused.unfused)
     if check:
         outcome = check_static(ModelRef(source.model, source.base_dir),
-                               ModelRef(static, source.base_dir), layout, cache_len)
+                               ModelRef(static, source.base_dir), layout, cache_len,
+                               scenarios=form.scenarios)
         outcome["fused"] = fused.report.get("check")  # the single-step proof of the fusions
         report["check"] = outcome
         if not outcome["passed"]:
@@ -177,19 +179,19 @@ def make_static(source, fused: FuseResult, target, layout: Layout, cache_len: in
     return result
 
 
-def attention_windows(fused: FuseResult) -> dict[str, int | None]:
+def attention_windows(fused: FuseResult, op: str = "Attention") -> dict[str, int | None]:
     """Each fused Attention node's sliding window (None: causal only), from the mask class the
     pass proved for it; BadInput where that mask is not causal (+ a window) and padding, which
     is all a mask over the fixed cache expresses."""
     ops = {n.name: n.op_type for n in fused.model.graph.node}
     leftover = [n.name for n in fused.model.graph.node if n.op_type == "Softmax"]
-    if not any(op == "Attention" for op in ops.values()) or leftover:
+    if op not in ops.values() or leftover:
         where = f" (Softmax '{leftover[0]}' remains)" if leftover else ""
-        raise BadInput("not every attention core was fused into Attention" + where +
+        raise BadInput(f"not every attention core was fused into {op}" + where +
                        ": --kv-cache static re-masks fused attention only")
     windows = {}
     for fusion, spec in fused.specs(AttentionSpec):
-        (name,) = [n for n in fusion.nodes if ops.get(n) == "Attention"]
+        (name,) = [n for n in fusion.nodes if ops.get(n) == op]
         klass = spec.mask.klass if spec.mask is not None and spec.mask.bias is None else None
         if klass is None:
             raise BadInput(f"Attention '{name}' has no mask to re-express over the fixed cache")
@@ -216,11 +218,34 @@ def _report(fused: dict, layout: Layout, section: dict, cache_len: int) -> dict:
 # --------------------------------------------------------------------------- conversion
 
 
+class StandardForm:
+    """How the fixed caches are written and read in standard ops: TensorScatter writes, every
+    Attention over the whole cache with a boolean mask over the slots (holes allowed). Targets
+    with a form of their own (Target.static_form) override it."""
+
+    attention_op = "Attention"
+    write_op = "TensorScatter"
+    scenarios = ("ragged", "left_padded")  # what check_static drives
+    valid_slots = "1 = the slot holds a valid token (this step's included)"
+
+    def remask(self, conversion: _Conversion, attention: gs.Node, window: int | None) -> None:
+        attention.inputs[3] = conversion.mask(window)
+
+    def write(self, conversion: _Conversion, concat: gs.Node) -> None:
+        """Turn Concat(past, new) into the write of `new` into `past` at write_position."""
+        concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
+        concat.inputs.append(conversion.write)  # (past, new, write_position)
+
+    def functions(self) -> list[onnx.FunctionProto]:
+        """Model-local functions the written nodes call."""
+        return []
+
+
 def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
-            windows: dict[str, int | None]):
+            windows: dict[str, int | None], form: StandardForm = StandardForm()):
     """The fused model (opset 24) with fixed caches; returns it and the report's section."""
     positions, tables, position_users = _positions(model, layout, cache_len, base_dir)
-    rewrite = _Conversion(model, layout, cache_len)
+    rewrite = _Conversion(model, layout, cache_len, form)
     layers = rewrite.masks(windows)
     anchors = rewrite.writes()
     repointed = rewrite.repoint(positions)
@@ -230,8 +255,7 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
     section = {
         "mode": "static", "max_cache_len": cache_len, "pairs": rewrite.pairs,
         "write_position": rewrite.write.name,
-        "attention_mask": f"{layout.mask} [batch, {cache_len}]: 1 = the slot holds a valid token "
-                          "(this step's included)",
+        "attention_mask": f"{layout.mask} [batch, {cache_len}]: {form.valid_slots}",
         "layers": layers, "positions": repointed, "position_tables": tables, "anchors": anchors,
     }
     return out, section
@@ -240,8 +264,8 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
 class _Conversion:
     """The fused model's graph, rewritten to the fixed-cache interface step by step."""
 
-    def __init__(self, model: onnx.ModelProto, layout: Layout, cache_len: int):
-        self.model, self.layout, self.cache_len = model, layout, cache_len
+    def __init__(self, model: onnx.ModelProto, layout: Layout, cache_len: int, form: StandardForm):
+        self.model, self.layout, self.cache_len, self.form = model, layout, cache_len, form
         self.g = gs.import_onnx(model)
         self.tensors = self.g.tensors()
         self.names = FreshNames(model.graph)
@@ -288,7 +312,7 @@ class _Conversion:
         valid = self.node("Unsqueeze", [flags, self._axis("axis1", 1)], dtype=np.bool_)
         return self.node("And", [causal, valid], dtype=np.bool_)
 
-    def _mask(self, window):
+    def mask(self, window):
         """[B, 1, S, N] boolean, with the sliding window W: slot j > query - W."""
         if window not in self._masks:
             shown = self._visible
@@ -304,17 +328,18 @@ class _Conversion:
     def masks(self, windows: dict[str, int | None]) -> list[dict]:
         """Every Attention reads the whole fixed cache through the mask of its window."""
         layers = []
-        for attention in (n for n in self.g.nodes if n.op == "Attention"):
+        for attention in (n for n in self.g.nodes if n.op == self.form.attention_op):
             if attention.name not in windows:
                 raise BadInput(f"Attention '{attention.name}' was not fused by this pass: "
                                "its mask is not proven")
-            attention.inputs[3] = self._mask(windows[attention.name])
+            self.form.remask(self, attention, windows[attention.name])
             layers.append({"attention": attention.name, "window": windows[attention.name]})
         return layers
 
     def writes(self) -> list[str]:
-        """Each Concat(past, new) becomes TensorScatter(past, new, write_position) writing the
-        present output itself (no-op Casts after it dropped), as TensorRT's in-place update wants."""
+        """Each Concat(past, new) becomes the form's write of new into past at write_position
+        (TensorScatter) writing the present output itself (no-op Casts after it dropped), as
+        TensorRT's in-place update wants."""
         anchors = []
         for past, present in self.layout.pairs:
             concat, chain = self.tensors[present].inputs[0], []
@@ -322,9 +347,8 @@ class _Conversion:
                 chain.append(concat)
                 concat = concat.inputs[0].inputs[0]
             anchors.append(f"Concat '{concat.name}'")
-            concat.op, concat.attrs = "TensorScatter", {"axis": -2, "mode": "linear"}
-            concat.name = self.names("kv_static/TensorScatter")
-            concat.inputs.append(self.write)  # (past, new, write_position)
+            self.form.write(self, concat)
+            concat.name = self.names(f"kv_static/{self.form.write_op}")
             if chain:
                 self._drop(chain, concat, self.tensors[present])
         return anchors
@@ -365,6 +389,8 @@ class _Conversion:
         out.opset_import.extend(model.opset_import)
         del out.functions[:]
         out.functions.extend(model.functions)
+        present = {(f.domain, f.name) for f in model.functions}
+        out.functions.extend(f for f in self.form.functions() if (f.domain, f.name) not in present)
         meta = {"onnx_fuse.kv_cache.pairs": json.dumps(self.pairs),
                 "onnx_fuse.kv_cache.max_cache_len": str(self.cache_len),
                 "onnx_fuse.kv_cache.write_position": self.write.name,
@@ -376,7 +402,7 @@ class _Conversion:
             entry = out.metadata_props.add()
             entry.key, entry.value = key, value
         for n in out.graph.node:
-            if n.op_type == "TensorScatter" and n.name.startswith("kv_static/"):
+            if n.op_type == self.form.write_op and n.name.startswith("kv_static/"):
                 n.doc_string = "onnx-fuse rule: kv_cache (--kv-cache static)"
                 entry = n.metadata_props.add()
                 entry.key, entry.value = "onnx_fuse.rule", "kv_cache"
@@ -504,20 +530,26 @@ def _is_positions(value, seq: int, past: int) -> bool:
 
 
 def check_static(original, converted, layout: Layout, cache_len: int, *, steps: int = STEPS,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, scenarios: tuple[str, ...] = StandardForm.scenarios) -> dict:
     """Drive the original (growing past) and the converted model (fixed cache) through `steps`
     single-token decode steps after a non-empty past, batch 2, rows of different valid lengths;
     compare the logits (every non-cache output) at every step and the valid part of every cache.
-    Returns the report's `check`: {passed, outputs: {name: {max_abs, max_rel, passed}}, message,
-    steps, scenarios}."""
+    `scenarios`: "ragged" and/or "left_padded" (holes in the valid slots, for forms that allow
+    them). Returns the report's `check`: {passed, outputs: {name: {max_abs, max_rel, passed}},
+    message, steps, scenarios}."""
     longest = min(4, cache_len - steps)
     if longest < 2:
         raise BadInput(f"--max-cache-len {cache_len} leaves no room for a past of 2 and {steps} steps")
     lengths = [longest, max(1, longest - 2)]
     drive = _Decode(original, converted, layout, cache_len, seed)
+    driven = {"ragged": {"valid_lengths": lengths, "first_write_positions": lengths},
+              "left_padded": {"past": longest, "padding": [0, 2]}}
+    driven = {name: driven[name] for name in scenarios}
     try:
-        drive.ragged(lengths, steps)
-        drive.left_padded(longest, steps)
+        if "ragged" in driven:
+            drive.ragged(lengths, steps)
+        if "left_padded" in driven:
+            drive.left_padded(longest, steps)
     except Exception as exc:  # a model that fails to run fails the check
         if isinstance(exc, BadInput):
             raise
@@ -525,12 +557,12 @@ def check_static(original, converted, layout: Layout, cache_len: int, *, steps: 
     problems = drive.problems
     outputs = {name: {"max_abs": float(a), "max_rel": float(r), "passed": bool(p)}
                for name, (a, r, p) in drive.stats.items()}
-    message = (f"{steps} decode steps agree (batch 2, ragged rows of {lengths[0]} and {lengths[1]} "
-               f"tokens, and a left-padded batch)" if not problems
+    what = [f"ragged rows of {lengths[0]} and {lengths[1]} tokens"] * ("ragged" in driven)
+    what += ["a left-padded batch"] * ("left_padded" in driven)
+    message = (f"{steps} decode steps agree (batch 2, {', and '.join(what)})" if not problems
                else problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return {"passed": not problems, "outputs": outputs, "message": message, "steps": steps,
-            "scenarios": {"ragged": {"valid_lengths": lengths, "first_write_positions": lengths},
-                          "left_padded": {"past": longest, "padding": [0, 2]}}}
+            "scenarios": driven}
 
 
 class _Decode:

@@ -599,6 +599,8 @@ def _window(evaluations, alignment: str, use_padding: bool, keys):
     lo, hi = 1, None
     for e in evaluations:
         v = e.visible
+        if v.size == 0:  # a size at which some length is 0: nothing to learn about the window
+            continue
         sq, skv = v.shape[2], v.shape[3]
         offset = skv - sq if alignment == "lower_right" else 0
         i = np.arange(sq)[:, None]

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass
 
 import onnx
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import BadInput, first_line
@@ -48,7 +49,8 @@ def load_model(path: str) -> SourceModel:
                        "store the weights as external data")
     try:
         model = onnx.load(path, load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError, json_format.ParseError,
+            text_format.ParseError) as exc:  # onnx.load reads .json and .txt names as text formats
         raise BadInput(f"{path}: not a valid ONNX model (protobuf parse failed: {first_line(exc)})")
     except OSError as exc:
         raise BadInput(f"{path}: cannot read ({exc.strerror or exc})")

@@ -19,10 +19,13 @@ class OpsetError(Exception):
 
 def raise_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     """The model converted to `version` by onnx's version converter (the caller proves it
-    equivalent before relying on it)."""
+    equivalent before relying on it). Model-local functions, which the converter drops, are
+    kept as they are: each declares the opsets its body is written in."""
     try:
         converted = onnx.version_converter.convert_version(model, version)
     except Exception as exc:  # the converter raises bare RuntimeErrors and ValueErrors
         message = str(exc).strip().splitlines()
         raise OpsetError(message[0] if message else type(exc).__name__) from None
+    if not converted.functions:
+        converted.functions.extend(model.functions)
     return converted

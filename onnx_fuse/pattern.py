@@ -14,7 +14,10 @@ Building blocks:
     const(name, predicate)   a tensor whose value folds from constants (see Graph.value)
     op.X(*inputs, ...)       a node of op type X (or other types via `ops=("Y",)`), with
                              attribute predicates, `name=` to capture the node (using the same
-                             named pattern twice matches a DAG), `commutative=True`
+                             named pattern twice matches a DAG), `commutative=True`, `run=True`
+                             (the inputs match any consecutive run of a variadic node's inputs,
+                             Concat(a, b) inside Concat(p, a, b, q); the run's first index is
+                             captured as "<name>:start")
     either(*patterns)        the first alternative that matches (with backtracking into the rest)
     maybe("Cast", p)         an optional single-input node in front of `p`
 """
@@ -137,9 +140,9 @@ class Const(Pattern):
 
 class OpPattern(Pattern):
     def __init__(self, op_types: tuple[str, ...], inputs: list[Pattern], attrs: dict,
-                 name: str | None, commutative: bool, domain: str):
+                 name: str | None, commutative: bool, domain: str, run: bool = False):
         self.op_types, self.inputs, self.attrs = op_types, inputs, attrs
-        self.name, self.commutative, self.domain = name, commutative, domain
+        self.name, self.commutative, self.domain, self.run = name, commutative, domain, run
 
     def match(self, state, tensor):
         node = state.graph.producer(tensor)
@@ -175,8 +178,13 @@ class OpPattern(Pattern):
         orders = [self.inputs]
         if self.commutative and len(self.inputs) == 2:
             orders.append(self.inputs[::-1])
-        for order in orders:
-            yield from state.match_all(list(order), list(node.inputs[: len(order)]))
+        starts = range(len(node.inputs) - len(self.inputs) + 1) if self.run else [0]
+        for start in starts:
+            if self.run:
+                state.captures[f"{self.name}:start"] = start
+            for order in orders:
+                yield from state.match_all(list(order), list(node.inputs[start: start + len(order)]))
+        state.captures.pop(f"{self.name}:start", None)
         state.nodes.pop()
         if self.name is not None:
             del state.captures[self.name]
@@ -205,9 +213,9 @@ class _OpBuilder:
     """`op.MatMul(a, b)` builds an OpPattern; `op.Mul(a, b, commutative=True)` tries both orders."""
 
     def __getattr__(self, op_type: str):
-        def build(*inputs, name=None, commutative=False, domain="", ops=(), **attrs):
+        def build(*inputs, name=None, commutative=False, domain="", ops=(), run=False, **attrs):
             return OpPattern((op_type, *ops), [_as_pattern(i) for i in inputs], attrs,
-                             name, commutative, domain)
+                             name, commutative, domain, run)
         return build
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import Graph, Node, Tensor
+from . import progress
+from .graph import Graph, Node, Tensor, subgraphs
 from .pattern import Match, Pattern, match
 
 
@@ -34,6 +35,9 @@ class Rule:
     # (graph, match, spec, target) -> None: proves that what the target emits for the spec
     # computes what the matched subgraph did (onnx_fuse.verify); raises Reject if it does not.
     verify: Callable[[Graph, Match, Any, "Emitter"], None] | None = None
+    # (graph, anchor) -> whether the anchor is a candidate at all (a Softmax over expert logits is
+    # not attention): anchors it turns down are not reported.
+    candidate: Callable[[Graph, Node], bool] | None = None
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Fused:
     anchor: str
     spec: Any
     nodes: list[str] = field(default_factory=list)  # names of the nodes the rewrite added
+    position: int | None = None  # the anchor's index in the graph's node order when matched
     # What the target adds to the report about how it expressed the spec (Target.finish
     # fills it: which op, and why not a better one).
     details: dict = field(default_factory=dict)
@@ -52,9 +57,11 @@ class Unfused:
     anchor: str
     pattern: str
     reason: str
+    position: int | None = None  # the anchor's index in the graph's node order
 
     def to_json(self) -> dict:
-        return {"anchor": self.anchor, "pattern": self.pattern, "reason": self.reason}
+        entry = {"anchor": self.anchor, "pattern": self.pattern, "reason": self.reason}
+        return entry if self.position is None else {**entry, "position": self.position}
 
 
 @dataclass
@@ -85,8 +92,9 @@ class Rewrite:
     rewrite that is not applied (its spec was refused) is discarded: the names it took are given
     back, so a refused candidate leaves no trace in the output."""
 
-    def __init__(self, graph: Graph, rule: str):
+    def __init__(self, graph: Graph, rule: str, scope: gs.Graph | None = None):
         self.graph, self.rule = graph, rule
+        self.scope = scope if scope is not None else graph.gs  # where the new nodes go
         self.nodes: list[PendingNode] = []
         self._takeovers: list[Tensor] = []
         self._shared: dict = {}
@@ -100,7 +108,9 @@ class Rewrite:
 
     def shared(self, key, build: Callable[[], Tensor]) -> Tensor:
         """A tensor computed once per pass and reused by every fusion that asks for `key`
-        (e.g. one mask shared by all layers)."""
+        (e.g. one mask shared by all layers) in the same graph (a tensor of one If branch is not
+        visible in the other)."""
+        key = (id(self.scope), key)
         if key in self.graph.shared:
             return self.graph.shared[key]
         if key not in self._shared:
@@ -141,7 +151,7 @@ class Rewrite:
         for pending in self.nodes:
             node = gs.Node(pending.op, self.graph.fresh_name(f"{self.rule}/{pending.op}"), pending.attrs,
                            pending.inputs, pending.outputs, domain=pending.domain or None)
-            self.graph.gs.nodes.append(node)
+            self.scope.nodes.append(node)
             self.graph.fused_by[node.name] = self.rule
             created.append(node)
         self.graph.shared.update(self._shared)
@@ -184,29 +194,34 @@ def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = Tr
     """Match every rule at every anchor; emit, verify and apply the ones the target expresses."""
     result = PassResult()
     consumed: set[int] = set()
+    # Where each anchor sits in the graph (the report groups fusions by layer with it).
+    position = {id(node): index for index, node in enumerate(graph.all_nodes)}
     for rule in rules:
-        for anchor in graph.nodes_of(rule.anchor):
-            if id(anchor) in consumed:
+        anchors = graph.nodes_of(rule.anchor)
+        for count, anchor in enumerate(anchors, 1):
+            if id(anchor) in consumed or rule.candidate is not None and not rule.candidate(graph, anchor):
                 continue
-            label = node_label(anchor)
-            rewrite = Rewrite(graph, rule.name)
+            progress.phase("match", f"{rule.name} candidate {count} of {len(anchors)}")
+            label, where = node_label(anchor), position.get(id(anchor))
+            rewrite = Rewrite(graph, rule.name, graph.owner_of(anchor))
             try:
                 found, spec = _candidate(graph, rule, anchor, consumed)
                 reason = target.refusal(spec)
                 if reason is not None:
                     raise Reject(reason)
                 if rule.verify is not None:
+                    progress.phase("verify", f"{rule.name} candidate {count} of {len(anchors)}")
                     rule.verify(graph, found, spec, target)
                 target.emit(spec, rewrite)
             except Reject as reject:
                 rewrite.discard()
-                result.unfused.append(Unfused(label, rule.name, str(reject)))
+                result.unfused.append(Unfused(label, rule.name, str(reject), where))
                 continue
             created = rewrite.apply() if apply else []
             if not apply:
                 rewrite.discard()
             consumed.update(id(n) for n in found.nodes)
-            result.fused.append(Fused(rule.name, label, spec, [n.name for n in created]))
+            result.fused.append(Fused(rule.name, label, spec, [n.name for n in created], where))
     if apply and result.fused:
         target.finish(graph, result)
         tidy(graph.gs)
@@ -228,9 +243,7 @@ def tidy(g: gs.Graph) -> None:
     the existing order wherever it already is one: a node a rewrite appended lands just before
     its first consumer. Linear in the graph; graphs with subgraphs (If, Loop, Scan) or local
     functions go through graphsurgeon's general cleanup and toposort instead."""
-    if g.functions or any(isinstance(v, gs.Graph) or isinstance(v, list) and v
-                          and isinstance(v[0], gs.Graph)
-                          for node in g.nodes for v in node.attrs.values()):
+    if g.functions or any(subgraphs(node) for node in g.nodes):
         g.cleanup(remove_unused_graph_inputs=False).toposort()
         return
     for tensor in g.inputs:  # a graph input has no producer

@@ -147,29 +147,52 @@ def _dtype_name(onnx_type: int) -> str:
 @dataclass
 class RotarySpec:
     """Rotary position embedding with the semantics of ONNX RotaryEmbedding (opset 23): the first
-    `rotary_dim` channels of each head rotate by cos/sin_cache[position], the rest pass through."""
+    `rotary_dim` channels of each head rotate by the angle of their position, the rest pass
+    through.
+
+    form "table":    cos/sin_cache[max_positions, rotary_dim / 2] indexed by `positions`.
+    form "computed": the graph computes cos/sin per token (nothing bounds the positions, or a
+                     token's angles depend on the whole sequence, as LongRoPE's switch); `cos` and
+                     `sin` are the graph's tensors multiplied with x, rank `table_rank`, each angle
+                     repeated for both channels of its pair (proven at sample positions).
+    """
 
     input: Tensor  # x, laid out as `layout` says
     output: Tensor  # the fused op takes over this tensor
     positions: Tensor  # integer positions, [seq] or [1 or batch, seq], as the graph computes them
-    cos_cache: np.ndarray  # [max_positions, rotary_dim / 2], x's dtype
-    sin_cache: np.ndarray
-    cache_key: object  # specs with equal keys share one pair of cache initializers
+    cos_cache: np.ndarray | None  # [max_positions, rotary_dim / 2], x's dtype (table form)
+    sin_cache: np.ndarray | None
+    cache_key: object  # specs with equal keys share one pair of caches (or per-token tables)
     interleaved: bool  # pairs (x0, x1), (x2, x3), ... rather than halves (x_i, x_{i + rotary_dim/2})
     rotary_dim: int
     head_size: int
     layout: str  # "bnsh" / "bsnh": 4-D after / before the head transpose; "bsh": 3-D, one head
     dtype: int  # onnx dtype of x
+    form: str = "table"
+    form_reason: str = ""
+    cos: Tensor | None = None  # computed form: cos as multiplied with x ([.., seq, .., rotary_dim])
+    sin: Tensor | None = None
+    table_rank: int = 0  # rank of `cos`
+    tables_halved: bool = False  # computed form: `cos`/`sin` hold one angle per pair already
+    # x's channels go in de-interleaved (x[..., 0::2], then x[..., 1::2]): the output of a
+    # rotation written on even and odd channels whose results are concatenated, not interleaved
+    deinterleave: bool = False
+    # The rotation's result is concatenated (on the last axis, in the same Concat) between these
+    # tensors: `output` is that Concat's (MLA's q_nope and q_rope, merged by TorchScript)
+    around: tuple[list, list] | None = None
 
     @property
-    def max_positions(self) -> int:
-        return int(self.cos_cache.shape[0])
+    def max_positions(self) -> int | None:
+        return None if self.cos_cache is None else int(self.cos_cache.shape[0])
 
     def summary(self) -> dict:
         return {
             "interleaved": self.interleaved,
             "rotary_dim": self.rotary_dim,
             "head_size": self.head_size,
+            "form": self.form,
+            "form_reason": self.form_reason,
+            **({"deinterleave": True} if self.deinterleave else {}),
             "max_positions": self.max_positions,
             "layout": self.layout,
             "dtype": _dtype_name(self.dtype),

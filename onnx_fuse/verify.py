@@ -29,6 +29,7 @@ from .errors import first_line
 from .export import export
 from .graph import Graph, Node, Tensor, onnx_dtype
 from .rewrite import Reject, Rewrite
+from .widen import has_bfloat16, widened, widened_inputs
 
 _SMALL = 4096  # constants up to this many elements are compared by value in signatures
 _IR_VERSION = 10  # what onnxruntime reads with opsets up to 24
@@ -155,8 +156,15 @@ def emitted(graph: Graph, spec, target, inputs: list[Tensor], outputs: list[Tens
     alone = Graph(onnx.helper.make_model(onnx.helper.make_graph([], "emitted", values, results),
                                          opset_imports=opsets))
     by_name = alone.gs.tensors()
-    rebound = {f.name: by_name[value.name] for f in fields(spec)
-               if isinstance(value := getattr(spec, f.name), gs.Tensor) and value.name in by_name}
+
+    def rebind(value):
+        if isinstance(value, gs.Tensor):
+            return by_name.get(value.name, value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(rebind(v) for v in value)
+        return value
+
+    rebound = {f.name: rebind(getattr(spec, f.name)) for f in fields(spec)}
     rewrite = Rewrite(alone, "check")
     target.emit(replace(spec, **rebound), rewrite)
     rewrite.apply()
@@ -168,12 +176,34 @@ def emitted(graph: Graph, spec, target, inputs: list[Tensor], outputs: list[Tens
 
 def session(model: onnx.ModelProto | bytes, base_dir: str | None, what: str = "the subgraph",
             error: type[Exception] = Reject):
-    """An onnxruntime session for a cut; `error` (a Reject) if onnxruntime does not load it."""
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    """An onnxruntime session for a cut; `error` (a Reject) if onnxruntime does not load it.
+    A bfloat16 cut runs widened to float32 (onnxruntime's CPU provider has no bfloat16 kernels
+    for most ops): its bfloat16 feeds are widened, its outputs come back as float32."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    widen = has_bfloat16(proto)
     try:
-        return runtime.session(data, base_dir)
+        data = widened(proto, base_dir).SerializeToString() if widen else (
+            model if isinstance(model, bytes) else model.SerializeToString())
+        opened = runtime.session(data, base_dir)
     except Exception as exc:  # onnxruntime's own exception types are not importable portably
         raise error(f"{what} does not load in onnxruntime: {first_line(exc, 200)}") from None
+    return _WidenedSession(opened) if widen else opened
+
+
+class _WidenedSession:
+    """A session of a cut widened from bfloat16 (widen.py) that takes the cut's own feeds."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_inputs(self):
+        return self.inner.get_inputs()
+
+    def get_outputs(self):
+        return self.inner.get_outputs()
+
+    def run(self, names, feeds: dict) -> list[np.ndarray]:
+        return self.inner.run(names, widened_inputs(feeds))
 
 
 def run(session, feeds: dict, what: str = "the subgraph") -> list[np.ndarray]:

@@ -16,6 +16,7 @@ all found factors multiply into Attention's `scale`.
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnx_fuse.graph import Graph, Node, Tensor, dim_product, onnx_dtype
 from onnx_fuse.pattern import Match, const, either, match, maybe, op, var
@@ -25,8 +26,10 @@ from onnx_fuse.specs import HIDDEN_AT_OR_BELOW, AttentionSpec, MaskSpec
 
 
 def _uniform(value: np.ndarray) -> bool:
+    """A float constant with one value (bfloat16 too: ml_dtypes' types are not numpy floats)."""
     flat = np.asarray(value).reshape(-1)
-    return flat.size > 0 and flat.dtype.kind == "f" and bool(np.all(flat == flat[0]))
+    floating = flat.dtype.kind == "f" or flat.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    return flat.size > 0 and floating and bool(np.all(flat == flat[0]))
 
 
 def scaled(x, name: str):
@@ -68,10 +71,16 @@ masked_scores = either(
     op.Where(var("drop"), const("drop_fill", _uniform), scores_any_dtype, name="mask_op"),
     scores_any_dtype,
 )
-softmax = op.Softmax(casts(masked_scores, "softmax_in_cast"), name="softmax")
+# GPT-OSS's learned attention sinks: one logit per head joins every row (Concat), the row's max
+# is subtracted (a shift the softmax ignores), and the sink's column is sliced off after it.
+sink_concat = op.Concat(masked_scores, op.Expand(var("sinks"), var("sinks_shape")), name="sink_concat")
+with_sinks = either(op.Sub(sink_concat, op.ReduceMax(sink_concat, name="row_max"), name="shift"),
+                    sink_concat)
+softmax = op.Softmax(casts(either(with_sinks, masked_scores), "softmax_in_cast"), name="softmax")
 # torch's SDPA export zeroes the rows a mask hides entirely: Where(IsNaN(p), 0, p).
-probs = either(op.Where(op.IsNaN(softmax), const("nan_fill", lambda v: not np.any(v)), softmax,
-                        name="nan_guard"), softmax)
+guarded = either(op.Where(op.IsNaN(softmax), const("nan_fill", lambda v: not np.any(v)), softmax,
+                          name="nan_guard"), softmax)
+probs = either(op.Slice(maybe("Cast", guarded), name="sink_drop"), guarded)
 attention = op.MatMul(casts(probs, "softmax_out_cast"), var("v"), name="pv")
 
 SCALE_CAPTURES = ("q_scale", "k_scale", "kt_scale", "score_scale")
@@ -92,18 +101,46 @@ repeated_heads = op.Reshape(
 
 
 def attention_output(graph: Graph, softmax: Node) -> Tensor:
-    """From a Softmax anchor forward to the MatMul with V (through Casts and a NaN guard)."""
+    """From a Softmax anchor forward to the MatMul with V (through Casts, a NaN guard and the
+    Slice that drops a sink column)."""
     frontier = [softmax.outputs[0]]
-    for _ in range(4):
+    for _ in range(5):
         following = []
         for tensor in frontier:
             for user in graph.consumers(tensor):
                 if user.op == "MatMul" and user.inputs[0] is tensor:
                     return user.outputs[0]
-                if user.op in ("Cast", "Where"):
+                if user.op in ("Cast", "Where", "Slice"):
                     following.append(user.outputs[0])
         frontier = following
     raise Reject("the softmax output is not multiplied with V by a MatMul")
+
+
+_SCORE_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Concat", "Tanh", "Reshape", "Transpose",
+              "Expand", "ReduceMax"}
+
+
+def is_attention_candidate(graph: Graph, softmax: Node) -> bool:
+    """Whether a Softmax may be attention: it is not when its scores are a product with a weight
+    (an MoE router's expert logits through Gemm or MatMul and TopK, a classifier head) and no
+    MatMul of two computed tensors (Q and K) feeds it through pointwise score ops. Anything else
+    is a candidate, fused or reported with its reason."""
+    frontier, seen, weighted = [softmax.inputs[0]], set(), False
+    for _ in range(8):  # breadth first: the scores' MatMul is a few pointwise ops away
+        following = []
+        for node in filter(None, map(graph.producer, frontier)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            constant = any(isinstance(t, gs.Constant) or graph.value(t) is not None for t in node.inputs)
+            if node.op == "MatMul" and not constant:
+                return True
+            weighted |= node.op in ("Gemm", "TopK") or node.op == "MatMul" and constant
+            if node.op in _SCORE_OPS:
+                data = node.inputs[:1] if node.op in ("Reshape", "Expand", "Transpose") else node.inputs
+                following.extend(t for t in data if t.name)
+        frontier = following
+    return not weighted
 
 
 def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
@@ -166,14 +203,49 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
             len(shape) >= 3 and shape[-3] != 1
             for shape in (graph.shape(t) for t in (mask.tensor, mask.bias) if t is not None)):
         raise Reject("the mask of a 3-D attention varies over batch*heads; it is not split back")
+    sinks = _sinks(graph, m, rank, q_heads)
     return AttentionSpec(
         query=q, key=key, key_perm=key_perm, value=v, output=m["pv"].outputs[0],
         scale=scale, softcap=_softcap(m), mask=mask, dtype=dtype,
         softmax_dtype=softmax_dtype if softmax_dtype != dtype else None, flat_output=flat,
         output_dtype=onnx_dtype(m["pv"].outputs[0]),
-        empty_row_output=_empty_row_output(m, mask),
+        empty_row_output="zero" if sinks is not None else _empty_row_output(m, mask),
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
+        value_head_size=v_shape[3] if _differ(v_shape[3], q_shape[3]) else None, sinks=sinks,
     )
+
+
+def _sinks(graph: Graph, m: Match, rank: int, q_heads) -> Tensor | None:
+    """The sink logits [1, Nq, 1, 1] (broadcast), proven to be one extra column per row that is
+    dropped after the softmax; None without sinks. A Slice after the softmax without them, or
+    with a Slice that keeps anything but the score columns, is not this attention."""
+    if "sink_concat" not in m.captures:
+        if "sink_drop" in m.captures:
+            raise Reject("the softmax output is sliced before the product with V")
+        return None
+    concat, drop = m["sink_concat"], m.get("sink_drop")
+    if concat.attrs.get("axis") not in (-1, rank - 1) or drop is None:
+        raise Reject("an extra score column is not appended on the key axis and dropped after the softmax")
+    sink_column = graph.shape(concat.inputs[1])
+    bounds = [graph.value(t) if t.name else None for t in drop.inputs[1:5]]
+    starts, ends = (None if b is None else np.ravel(b).tolist() for b in bounds[:2])
+    axes = [rank - 1] if len(bounds) < 3 or bounds[2] is None else [a % rank for a in np.ravel(bounds[2])]
+    steps = [1] if len(bounds) < 4 or bounds[3] is None else np.ravel(bounds[3]).tolist()
+    keys = graph.shape(concat.inputs[0])[-1]
+    if not (sink_column and sink_column[-1] == 1 and starts == [0] and axes == [rank - 1]
+            and steps == [1] and ends is not None and (ends == [-1] or ends == [keys])):
+        raise Reject("the sliced softmax does not drop exactly the one sink column")
+    if "row_max" in m.captures:
+        row_max = m["row_max"]
+        axes_in = graph.value(row_max.inputs[1]) if len(row_max.inputs) > 1 else row_max.attrs.get("axes")
+        if axes_in is None or [a % rank for a in np.ravel(axes_in)] != [rank - 1] or not row_max.attrs.get("keepdims", 1):
+            raise Reject("the value subtracted before the softmax is not the row's maximum")
+    sinks = m["sinks"]
+    shape = graph.shape(sinks)
+    if shape is None or len(shape) > rank or any(d != 1 for i, d in enumerate(shape[::-1]) if i != 2) \
+            or len(shape) >= 3 and shape[-3] not in (1, q_heads):
+        raise Reject(f"the sink logits have shape {shape}, not one per head [1, heads, 1, 1]")
+    return sinks
 
 
 def _behind_upcast(graph: Graph, value: Tensor, dtype: int | None) -> Tensor:
@@ -355,5 +427,6 @@ RULES = [
         pattern=attention,
         root=attention_output,
         describe=describe_attention,
+        candidate=is_attention_candidate,
     )
 ]

@@ -44,8 +44,10 @@ def signed(x):
 
 
 def rotate_half(x):
-    """Concat(-x2, x1) of the two halves of x, cut by two Slices or by one Split."""
-    half = either(op.Slice(x), op.Split(x, name="split"))
+    """Concat(-x2, x1) of the two halves of x, cut by two Slices or by one Split (of x, or of x
+    behind a Cast to its own type, as ModernBERT's TorchScript export writes it)."""
+    source = maybe("Cast", x, name="x_cast")  # both halves read the one Cast: a DAG
+    half = either(op.Slice(source), op.Split(source, name="split"))
     return op.Concat(signed(half), signed(half), name="rotate")
 
 
@@ -71,6 +73,32 @@ def rotation(x):
 channels_of_x = either(op.Slice(var("x"), name="rotated_part"), op.Split(var("x"), name="parts"))
 passed = either(op.Slice(var("x")), op.Split(var("x"), name="parts"))
 rope = either(op.Concat(rotation(channels_of_x), passed, name="partial"), rotation(var("x")))
+
+
+# The rotation as a complex multiplication (GPT-OSS, DeepSeek-V3): (x1·c − x2·s, x2·c + x1·s),
+# with c and s one angle per pair; no Neg, so its own rule anchors at the Sub. The two parts may
+# sit inside a longer Concat (TorchScript merges MLA's cat(q_nope, cat(real, imag))).
+complex_rope = op.Concat(
+    op.Sub(op.Mul(var("x1"), var("cos"), commutative=True), op.Mul(var("x2"), var("sin"), commutative=True),
+           name="real"),
+    op.Add(op.Mul(var("x2"), var("cos"), commutative=True), op.Mul(var("x1"), var("sin"), commutative=True),
+           commutative=True, name="imag"),
+    name="rotate", run=True)
+
+
+def complex_rotation_output(graph: Graph, sub: Node) -> Tensor:
+    users = graph.consumers(sub.outputs[0])
+    if len(users) != 1 or users[0].op != "Concat" or not _on_last_axis(graph, users[0]):
+        raise Reject("the Sub does not feed a Concat of the real and imaginary parts")
+    return users[0].outputs[0]
+
+
+def is_complex_rotation(graph: Graph, sub: Node) -> bool:
+    """A Sub of two products that a Concat takes: anything else (the many other Subs of a model)
+    is not a candidate."""
+    users = graph.consumers(sub.outputs[0])
+    products = all((p := graph.producer(t)) is not None and p.op == "Mul" for t in sub.inputs)
+    return products and len(users) == 1 and users[0].op == "Concat"
 
 
 def rotation_output(graph: Graph, neg: Node) -> Tensor:
@@ -99,7 +127,29 @@ def _on_last_axis(graph: Graph, concat: Node) -> bool:
 # --- describe: structure, tables, numbers ----------------------------------------------------
 
 def describe_rope(graph: Graph, m: Match) -> RotarySpec:
-    x, output = m["x"], m["partial" if "partial" in m.captures else "sum"].outputs[0]
+    output = m["partial" if "partial" in m.captures else "sum"].outputs[0]
+    return _rotary_spec(graph, m["x"], output, m["cos"], m["sin"], interleaved="flatten" in m.captures,
+                        partial="partial" in m.captures)
+
+
+def describe_complex_rope(graph: Graph, m: Match) -> RotarySpec:
+    """(x1·c − x2·s, x2·c + x1·s) with x1, x2 the two halves of x, or its even and odd channels
+    (the output then holds the rotated even channels, then the odd: rotate-half RoPE of x with
+    its channels de-interleaved)."""
+    x, order = _pair_source(graph, m["x1"], m["x2"])
+    concat, start = m["rotate"], m["rotate:start"]
+    spec = _rotary_spec(graph, x, concat.outputs[0], m["cos"], m["sin"], interleaved=False,
+                        partial=False, halved=True, deinterleave=order == "strided")
+    if len(concat.inputs) > 2:
+        spec.around = (list(concat.inputs[:start]), list(concat.inputs[start + 2:]))
+    return spec
+
+
+def _rotary_spec(graph: Graph, x: Tensor, output: Tensor, cos_t: Tensor, sin_t: Tensor, *,
+                 interleaved: bool, partial: bool, halved: bool = False,
+                 deinterleave: bool = False) -> RotarySpec:
+    """The spec of a rotation of x by the tables cos_t/sin_t, its tables evaluated and proven
+    to rotate pairs of channels. halved: the tables hold one angle per pair already."""
     shape, dtype = graph.shape(x), onnx_dtype(x)
     if shape is None or len(shape) not in (3, 4):
         raise Reject(f"x has rank {None if shape is None else len(shape)}, not 3 or 4")
@@ -107,24 +157,71 @@ def describe_rope(graph: Graph, m: Match) -> RotarySpec:
         raise Reject("the head size is not static")
     if dtype not in _TOLERANCE:
         raise Reject(f"x is {onnx.TensorProto.DataType.Name(dtype or 0)}, not a float type this can verify")
-    interleaved = "flatten" in m.captures
-
-    tables = _tables(graph, m["cos"], m["sin"])
-    cos, sin = tables.cos, tables.sin
-    rotary_dim = cos.shape[-1]
-    if rotary_dim % 2 or rotary_dim > shape[-1] or ("partial" in m.captures) == (rotary_dim == shape[-1]):
-        raise Reject(f"the tables have {rotary_dim} channels for a head of {shape[-1]}")
+    tables = _tables(graph, cos_t, sin_t)
+    channels = tables.samples[0][0].shape[-1]
+    rotary_dim = 2 * channels if halved else channels
+    if rotary_dim % 2 or rotary_dim > shape[-1] or partial == (rotary_dim == shape[-1]):
+        raise Reject(f"the tables have {channels} channels for a head of {shape[-1]}")
     layout = _layout(len(shape), len(shape) - tables.rank + tables.axis)
-    cos_cache, sin_cache = (_halve(t, interleaved, name) for t, name in ((cos, "cos"), (sin, "sin")))
-    _require_rotation(cos_cache, sin_cache, max(1e-3, _TOLERANCE[dtype]))
-    if dtype != onnx_dtype(m["cos"]) or dtype != onnx_dtype(m["sin"]):
+    pairs = tables.samples if halved else [
+        (_halve(cos, interleaved, "cos"), _halve(sin, interleaved, "sin"), first) for cos, sin, first in tables.samples]
+    for cos, sin, first in pairs:
+        _require_rotation(cos, sin, max(1e-3, _TOLERANCE[dtype]), starts_at_zero=first == 0)
+    if dtype != onnx_dtype(cos_t) or dtype != onnx_dtype(sin_t):
         raise Reject("cos/sin are not of x's type")
-
+    table = tables.form == "table"
     return RotarySpec(
-        input=x, output=output, positions=tables.positions, cos_cache=cos_cache,
-        sin_cache=sin_cache, cache_key=(tables.key, interleaved), interleaved=interleaved,
+        input=x, output=output, positions=tables.positions,
+        cos_cache=pairs[0][0] if table else None, sin_cache=pairs[0][1] if table else None,
+        cache_key=(tables.key, interleaved, halved), interleaved=interleaved,
         rotary_dim=rotary_dim, head_size=shape[-1], layout=layout, dtype=dtype,
+        form=tables.form, form_reason=tables.reason,
+        cos=None if table else cos_t, sin=None if table else sin_t,
+        table_rank=tables.rank, tables_halved=halved, deinterleave=deinterleave,
     )
+
+
+def _pair_source(graph: Graph, x1: Tensor, x2: Tensor) -> tuple[Tensor, str]:
+    """x and how x1, x2 are cut from it: "halves" (x[..., :d/2], x[..., d/2:] by two Slices or
+    one Split) or "strided" (x[..., 0::2], x[..., 1::2])."""
+    a, b = graph.producer(x1), graph.producer(x2)
+    if a is None or b is None or a.op not in ("Slice", "Split") or b.op not in ("Slice", "Split") \
+            or a.inputs[0] is not b.inputs[0]:
+        raise Reject("the rotated parts are not two slices of one tensor")
+    x = a.inputs[0]
+    head = (graph.shape(x) or [None])[-1]
+    if not isinstance(head, int):
+        raise Reject("the head size is not static")
+    if a.op == "Split":
+        ok = a is b and a.outputs.index(x1) == 0 and a.outputs.index(x2) == 1 and len(a.outputs) == 2 \
+            and a.attrs.get("axis", 0) in (-1, len(graph.shape(x)) - 1) and _split_even(graph, a, head)
+        if not ok:
+            raise Reject("the Split does not cut x's last axis into two equal halves")
+        return x, "halves"
+    cuts = [_cut(graph, node, len(graph.shape(x)), head) for node in (a, b)]
+    if cuts == [(0, head // 2, 1), (head // 2, head, 1)]:
+        return x, "halves"
+    if cuts == [(0, head, 2), (1, head, 2)]:
+        return x, "strided"
+    raise Reject(f"the rotated parts are x[{cuts[0]}] and x[{cuts[1]}], not halves or even/odd channels")
+
+
+def _split_even(graph: Graph, split: Node, head: int) -> bool:
+    sizes = graph.value(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1].name else None
+    return (sizes is None and head % 2 == 0) or sizes is not None and list(np.ravel(sizes)) == [head // 2] * 2
+
+
+def _cut(graph: Graph, node: Node, rank: int, head: int) -> tuple | None:
+    """(start, end, step) of a Slice along x's last axis, clamped to the head; None otherwise."""
+    bounds = [graph.value(t) if t.name else None for t in node.inputs[1:5]]
+    if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+        return None
+    axes = [rank - 1] if len(bounds) < 3 or bounds[2] is None else [a % rank for a in np.ravel(bounds[2])]
+    steps = [1] if len(bounds) < 4 or bounds[3] is None else np.ravel(bounds[3]).tolist()
+    if axes != [rank - 1] or len(steps) != 1:
+        return None
+    start, end, step = slice(int(np.ravel(bounds[0])[0]), int(np.ravel(bounds[1])[0]), int(steps[0])).indices(head)
+    return start, end if step == 1 else head, step
 
 
 def _layout(rank: int, seq_axis: int) -> str:
@@ -145,13 +242,18 @@ def _halve(table: np.ndarray, interleaved: bool, name: str) -> np.ndarray:
     return np.ascontiguousarray(first)
 
 
-def _require_rotation(cos: np.ndarray, sin: np.ndarray, tolerance: float) -> None:
-    """cos = a·cos θ and sin = a·sin θ with θ = 0 at position 0 (a: the attention scaling)."""
-    scale = float(np.abs(cos[0]).max(initial=0.0))
-    if scale == 0 and np.any(sin[0]):
-        raise Reject("cos and sin are swapped: x is multiplied by a table that is 0 at position 0")
+def _require_rotation(cos: np.ndarray, sin: np.ndarray, tolerance: float, starts_at_zero: bool) -> None:
+    """cos = a·cos θ and sin = a·sin θ, the same radius a (the attention scaling) everywhere, with
+    θ = 0 at position 0 when the rows start there."""
     radius = cos.astype(np.float64) ** 2 + sin.astype(np.float64) ** 2
-    if scale == 0 or np.any(sin[0]) or not np.allclose(radius, scale ** 2, rtol=tolerance, atol=tolerance):
+    scale = float(np.sqrt(radius.max(initial=0.0)))
+    if starts_at_zero:
+        scale = float(np.abs(cos[0]).max(initial=0.0))
+        if scale == 0 and np.any(sin[0]):
+            raise Reject("cos and sin are swapped: x is multiplied by a table that is 0 at position 0")
+        if np.any(sin[0]):
+            scale = 0.0
+    if scale == 0 or not np.allclose(radius, scale ** 2, rtol=tolerance, atol=tolerance):
         raise Reject("the cos/sin tables are not cos θ and sin θ of one angle per position")
 
 
@@ -159,17 +261,29 @@ def _require_rotation(cos: np.ndarray, sin: np.ndarray, tolerance: float) -> Non
 
 @dataclass
 class _Tables:
+    """cos and sin as functions of the positions, and the form RotaryEmbedding takes them in.
+
+    form "table":    rows 0 .. max_positions-1 are the caches, indexed by the position ids
+                     (a table the graph gathers from bounds the positions, or --max-positions).
+    form "computed": nothing bounds the positions, or a row depends on the other positions (a
+                     switch on the sequence length, as LongRoPE's): RotaryEmbedding takes the
+                     graph's own cos/sin per token, [batch, seq, rotary_dim / 2], and no ids.
+    """
+
     positions: Tensor  # the integer tensor the tables are computed from
-    cos: np.ndarray  # [max_positions, rotary_dim]: cos as multiplied with x, one row a position
-    sin: np.ndarray
+    # (cos, sin, first position) rows evaluated, [positions, rotary_dim] as multiplied with x; the
+    # first entry is the cache of the table form, all of them the proof that the tables rotate
+    samples: list[tuple[np.ndarray, np.ndarray, int]]
     rank: int  # rank of cos as multiplied with x
     axis: int  # its axis along which the positions run
     key: tuple  # equal for tables computed the same way from the same positions
+    form: str
+    reason: str  # why this form
 
 
 def _tables(graph: Graph, cos: Tensor, sin: Tensor) -> _Tables:
-    """Evaluate cos and sin for positions 0 .. max_positions-1 in onnxruntime, once per distinct
-    computation (every layer multiplies by the same tables, unsqueezed per layer)."""
+    """Evaluate cos and sin in onnxruntime, once per distinct computation (every layer multiplies
+    by the same tables, unsqueezed per layer)."""
     positions = _positions(graph, [cos, sin])
     cut = Cut(graph, [cos, sin], {id(positions): "positions"},
               opaque=lambda node: _bounds_table(graph, node), what="the cos/sin subgraph")
@@ -180,26 +294,67 @@ def _tables(graph: Graph, cos: Tensor, sin: Tensor) -> _Tables:
     return replace(found, positions=positions, key=key)
 
 
+# Position ranges the computed form is proven at: short and long sequences from 0 (a switch on
+# the length shows), and a stretch of large positions.
+_COMPUTED_SAMPLES = ((0, 17), (0, 4096), (65_000, 65_017))
+
+
 def _evaluate_tables(graph: Graph, cut: Cut, positions: Tensor) -> _Tables:
     rank = graph.rank(positions)
     if rank not in (1, 2) or positions.shape is None:
         raise Reject(f"the positions '{positions.name}' have rank {rank}, not [seq] or [batch, seq]")
     lookups = _lookups(cut)
     tables = cut.session([positions], cut.outputs + [table for table, _ in lookups])
+
+    def rows(first: int, count: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        index = np.arange(first, first + count, dtype=np_dtype(positions)).reshape([1] * (rank - 1) + [-1])
+        return _one_row_per_position(*run(tables, {positions.name: index})[:2], count)
+
     bound = None
     if lookups:  # a table the graph gathers from bounds the positions
         shapes = [t.shape for t in run(tables, {positions.name: np.zeros([1] * rank, np_dtype(positions))})[2:]]
         bound = min(shape[axis] for shape, (_, axis) in zip(shapes, lookups))
-    max_positions = _max_positions(graph.options.max_positions, bound)
-    index = np.arange(max_positions, dtype=np_dtype(positions)).reshape([1] * (rank - 1) + [-1])
-    cos, sin = run(tables, {positions.name: index})[:2]
+    count = _max_positions(graph.options.max_positions, bound)
+    if count is not None:
+        cos, sin, ndim, axis = rows(0, count)
+        if _per_position(rows, cos, sin, count):
+            why = "a table the graph gathers from bounds the positions" if graph.options.max_positions is None \
+                else "--max-positions bounds the positions"
+            return _Tables(positions, [(cos, sin, 0)], ndim, axis, (), "table", why)
+        why = "a position's cos/sin depend on the other positions (a switch on the sequence length)"
+    else:
+        why = "nothing bounds the positions: cos/sin stay computed in the graph, per token"
+    samples = [rows(first, count) for first, count in _COMPUTED_SAMPLES]
+    return _Tables(positions, [(c, s, first) for (c, s, _, _), (first, _) in zip(samples, _COMPUTED_SAMPLES)],
+                   samples[0][2], samples[0][3], (), "computed", why)
+
+
+def _per_position(rows, cos: np.ndarray, sin: np.ndarray, count: int) -> bool:
+    """The table's rows are what each position gets alone and in a short prefix: cos/sin are a
+    function of the position, not of the sequence (LongRoPE switches factors on its length)."""
+    probes = [(p, 1) for p in sorted({0, 1, count // 2, count - 1}) if p < count]
+    probes.append((0, min(count, _COMPUTED_SAMPLES[0][1])))
+    for first, length in probes:
+        got_cos, got_sin = rows(first, length)[:2]
+        want = slice(first, first + length)
+        if not (np.allclose(got_cos, cos[want], rtol=1e-6, atol=1e-6)
+                and np.allclose(got_sin, sin[want], rtol=1e-6, atol=1e-6)):
+            return False
+    return True
+
+
+def _one_row_per_position(cos: np.ndarray, sin: np.ndarray, count: int):
+    """cos/sin evaluated for `count` positions as [count, channels], with their rank and the axis
+    along which the positions ran."""
     if cos.shape != sin.shape:
         raise Reject("cos and sin have different shapes")
-    along = [a for a, d in enumerate(cos.shape[:-1]) if d == max_positions]
-    if len(along) != 1 or cos.size != max_positions * cos.shape[-1]:
-        raise Reject(f"cos computed for {max_positions} positions has shape {cos.shape}, not one row per position")
-    flat = (max_positions, cos.shape[-1])
-    return _Tables(positions, cos.reshape(flat), sin.reshape(flat), cos.ndim, along[0], ())
+    if count == 1 and cos.size == cos.shape[-1]:  # a single position: the axis does not show
+        return cos.reshape(1, -1), sin.reshape(1, -1), cos.ndim, None
+    along = [a for a, d in enumerate(cos.shape[:-1]) if d == count]
+    if len(along) != 1 or cos.size != count * cos.shape[-1]:
+        raise Reject(f"cos computed for {count} positions has shape {cos.shape}, not one row per position")
+    flat = (count, cos.shape[-1])
+    return cos.reshape(flat), sin.reshape(flat), cos.ndim, along[0]
 
 
 def _lookups(cut: Cut) -> list[tuple[Tensor, int]]:
@@ -209,14 +364,11 @@ def _lookups(cut: Cut) -> list[tuple[Tensor, int]]:
             and not cut.depends_on_roles[id(node.inputs[0])] and cut.depends_on_roles[id(node.inputs[1])]]
 
 
-def _max_positions(asked: int | None, bound: int | None) -> int:
+def _max_positions(asked: int | None, bound: int | None) -> int | None:
     """How many positions the caches hold: `asked` (Options.max_positions, --max-positions), which
-    may not exceed a table the graph gathers from; else that table's rows. Tables computed from
-    the positions with nothing bounding them are not guessed at: the RoPE is not fused."""
+    may not exceed a table the graph gathers from; else that table's rows; None when nothing
+    bounds them (never guessed: the tables then stay computed in the graph)."""
     if asked is None:
-        if bound is None:
-            raise Reject("max_positions is unknown: cos/sin are computed from the positions, no "
-                         "table bounds them; set it (--max-positions N)")
         return bound
     if bound is not None and asked > bound:
         raise Reject(f"max_positions {asked} exceeds the {bound} positions of the graph's table")
@@ -250,56 +402,107 @@ def _positions(graph: Graph, tables: list[Tensor]) -> Tensor:
             raise Reject(f"cos/sin depend on '{tensor.name}', not only on positions")
         elif node.op not in ("Shape", "Size"):
             stack.extend(node.inputs[:1] if node.op in _DATA_IN_FIRST_INPUT else node.inputs)
+    found = [t for t in found if not any(_derived_from(graph, t, other) for other in found if other is not t)]
     if len(found) != 1:
         names = ", ".join(f"'{t.name}'" for t in found) or "none"
         raise Reject(f"cos/sin must be functions of one integer position tensor; found {names}")
     return found[0]
 
 
+def _derived_from(graph: Graph, tensor: Tensor, source: Tensor, limit: int = 64) -> bool:
+    """`tensor`'s values are computed from `source` (LongRoPE's max(positions) + 1 is a function
+    of the positions: the positions are the one source of both)."""
+    stack, seen = [tensor], set()
+    while stack and len(seen) < limit:
+        t = stack.pop()
+        if t is source:
+            return True
+        node = graph.producer(t)
+        if id(t) in seen or node is None or node.op in ("Shape", "Size"):
+            continue
+        seen.add(id(t))
+        stack.extend(i for i in node.inputs if i.name)
+    return False
+
+
 # --- numerical verification ------------------------------------------------------------------
 
-_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.DOUBLE: 1e-8}
+# bfloat16 subgraphs are verified widened to float32 (verify.session), with float32's tolerance.
+_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.DOUBLE: 1e-8,
+              onnx.TensorProto.BFLOAT16: 1e-4}
 _BATCH, _SEQ_LENGTHS, _HEADS = 2, (1, 5), 3
 
 
 def verify_rope(graph: Graph, m: Match, spec: RotarySpec, target) -> None:
     """Run the matched subgraph and what the target emits for `spec` on the same random x and
-    positions (including 0 and max_positions - 1); once per distinct subgraph and x shape."""
-    rotated = next(t for t in m["rotated_sin"].inputs if t is not m["sin"])
-    channels = next(t for t in m["x_cos"].inputs if t is not m["cos"])
-    watched = [spec.output, rotated] + ([channels, m["partial"].inputs[1]] if "partial" in m.captures else [])
-    cut = Cut(graph, watched, {id(spec.input): "x", id(spec.positions): "positions"},
-              opaque=lambda node: _bounds_table(graph, node), what="the rotation subgraph")
+    positions (including 0 and max_positions - 1); once per distinct subgraph and x shape. The
+    rotate(x) the Neg rule matched and a partial rotary's parts are checked on the way, so that a
+    wrong sign or a wrong cut gets its own reason."""
+    watched = [spec.output]
+    if "rotated_sin" in m.captures:
+        watched.append(next(t for t in m["rotated_sin"].inputs if t is not m["sin"]))
+        if "partial" in m.captures:
+            watched += [next(t for t in m["x_cos"].inputs if t is not m["cos"]), m["partial"].inputs[1]]
+    tables = [spec.cos, spec.sin] if spec.form == "computed" else []
+    roles = {id(spec.input): "x", id(spec.positions): "positions"}
+    roles.update({id(t): f"around {i}" for i, t in enumerate(_around(spec))})
+    cut = Cut(graph, watched + tables, roles, opaque=lambda node: _bounds_table(graph, node),
+              what="the rotation subgraph")
     static = tuple(d if isinstance(d, int) else None for d in graph.shape(spec.input))
-    key = ("verified", cut.signature, static, spec.cache_key, spec.interleaved, target.name)
-    once(graph, ("rope check", key), lambda: _compare(graph, cut, spec, target))
+    key = ("verified", cut.signature, static, spec.cache_key, spec.interleaved, spec.form, target.name)
+    once(graph, ("rope check", key), lambda: _compare(graph, cut, spec, target, len(tables)))
 
 
-def _compare(graph: Graph, cut: Cut, spec: RotarySpec, target) -> None:
+# Positions the computed form is checked at (it has no table to bound them).
+_COMPUTED_LIMIT = 4096
+
+
+def _compare(graph: Graph, cut: Cut, spec: RotarySpec, target, tables: int) -> None:
+    """The matched subgraph and what the target emits on the same x and positions; the computed
+    form's replacement gets the cos/sin the graph computes for them."""
     x, positions = spec.input, spec.positions
-    original = cut.session([x, positions] + cut.shape_leaves)
-    replacement = session(emitted(graph, spec, target, [x, positions], [spec.output]), graph.base_dir,
+    around = _around(spec)
+    original = cut.session([x, positions] + around + cut.shape_leaves)
+    inputs = [x] + ([spec.cos, spec.sin] if tables else [positions]) + around
+    replacement = session(emitted(graph, spec, target, inputs, [spec.output]), graph.base_dir,
                           f"what target {target.name} emits")
     rng = np.random.default_rng(0)
     tolerance = _TOLERANCE[spec.dtype]
     for seq in _SEQ_LENGTHS:
         dims, sizes = _x_dims(graph, spec, seq)
+        limit = spec.max_positions or _COMPUTED_LIMIT
         feeds = {x.name: rng.standard_normal(dims).astype(np_dtype(x)),
-                 positions.name: _random_positions(rng, graph, positions, dims[0], seq, spec.max_positions)}
+                 positions.name: _random_positions(rng, graph, positions, dims[0], seq, limit)}
         for leaf in cut.shape_leaves:
             feeds[leaf.name] = np.zeros(_dims(graph.shape(leaf), sizes, seq), np_dtype(leaf))
-        y, rotated, *parts = run(original, feeds)
-        head = feeds[x.name].astype(np.float64)
-        if parts and not (np.array_equal(parts[0], head[..., :spec.rotary_dim])
-                          and np.array_equal(parts[1], head[..., spec.rotary_dim:])):
-            raise Reject(f"the rotated and passed parts are not x[..., :{spec.rotary_dim}] and "
-                         f"x[..., {spec.rotary_dim}:]")
-        _require_rotate(rotated, head[..., :spec.rotary_dim], spec.interleaved, tolerance)
+        for part in around:  # what the Concat holding the rotation puts around it
+            feeds[part.name] = rng.standard_normal(_dims(graph.shape(part), sizes, seq)).astype(np_dtype(part))
+        y, *parts = run(original, feeds)
+        if tables:
+            parts, (feeds[spec.cos.name], feeds[spec.sin.name]) = parts[:-2], parts[-2:]
+        _require_parts(parts, feeds[x.name].astype(np.float64), spec, tolerance)
         expected = run(replacement, feeds)[0]
         if not np.allclose(y, expected, rtol=tolerance, atol=tolerance):
             error = float(np.max(np.abs(y.astype(np.float64) - expected)))
             raise Reject(f"what target {target.name} emits differs from the matched subgraph by "
                          f"{error:.3g} (sequence length {seq})")
+
+
+def _around(spec: RotarySpec) -> list[Tensor]:
+    return [t for side in spec.around for t in side] if spec.around else []
+
+
+def _require_parts(parts: list, head: np.ndarray, spec: RotarySpec, tolerance: float) -> None:
+    """rotate(x) and a partial rotary's parts (the Neg rule's intermediates) are what they
+    should be, when they were watched."""
+    if not parts:
+        return
+    rotated, cuts = parts[0], parts[1:]
+    if cuts and not (np.array_equal(cuts[0], head[..., :spec.rotary_dim])
+                     and np.array_equal(cuts[1], head[..., spec.rotary_dim:])):
+        raise Reject(f"the rotated and passed parts are not x[..., :{spec.rotary_dim}] and "
+                     f"x[..., {spec.rotary_dim}:]")
+    _require_rotate(rotated, head[..., :spec.rotary_dim], spec.interleaved, tolerance)
 
 
 def _require_rotate(rotated: np.ndarray, x: np.ndarray, interleaved: bool, tolerance: float) -> None:
@@ -369,5 +572,14 @@ RULES = [
         root=rotation_output,
         describe=describe_rope,
         verify=verify_rope,
-    )
+    ),
+    Rule(
+        name="rope",
+        anchor="Sub",
+        pattern=complex_rope,
+        root=complex_rotation_output,
+        describe=describe_complex_rope,
+        verify=verify_rope,
+        candidate=is_complex_rotation,
+    ),
 ]

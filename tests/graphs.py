@@ -55,7 +55,7 @@ def repeat_heads(g, x, kv_heads, rep, how):
 
 def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", mask=None,
                     casts=False, heads=4, kv_heads=4, head=8, opset=23, mask_rank=4,
-                    probs_as_output=False, softmax_axis=-1, repeat=None, softcap=None):
+                    probs_as_output=False, softmax_axis=-1, repeat=None, softcap=None, sinks=None):
     """softmax(scale Q Kᵀ + mask) V with Q [B, heads, S, head] and K/V [B, kv_heads, T, head].
 
     scale_on: "scores", "q", "k" (before the transpose), "kt" (after), "both" (sqrt on Q and Kᵀ),
@@ -63,6 +63,9 @@ def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", 
     [B,T,N,H], one Transpose perm 0,2,3,1), "pretransposed" (K input already [B,N,H,T]).
     mask: None, "additive", "keep" (Where(m, s, -inf)), "keep_finite" (finfo.min fill),
     "drop" (Where(pad, min, s)), "padding" (additive [B,1,1,T]).
+    sinks: None, "gpt-oss" (a learned logit per head appended to every row, the row max
+    subtracted, the column sliced off after the softmax), or "keep_sink" (the same, but the slice
+    keeps the sink column and drops the first key: not attention with sinks).
     """
     g = GraphBuilder()
     scale = 1 / np.sqrt(head)
@@ -117,9 +120,18 @@ def attention_model(*, scale_on="scores", scale_op="Mul", k_layout="transpose", 
     elif mask == "drop":
         fill = np.finfo(np.float32).min
         s = g.op("Where", g.input("mask", TensorProto.BOOL, ["B", 1, "S", "T"]), g.const(fill), s)
+    if sinks is not None:
+        logits = g.const(np.linspace(-1, 1, heads).reshape(1, heads, 1, 1))
+        column = g.op("Concat", g.op("Shape", q, end=3), g.const([1], np.int64), axis=0)
+        s = g.op("Concat", s, g.op("Expand", logits, column), axis=-1)
+        s = g.op("Sub", s, g.op("ReduceMax", s, g.const([-1], np.int64), keepdims=1))
     p = g.op("Softmax", s, axis=softmax_axis)
     if casts:
         p = g.op("Cast", p, to=TensorProto.FLOAT)
+    if sinks == "gpt-oss":
+        p = g.op("Slice", p, g.const([0], np.int64), g.const([-1], np.int64), g.const([-1], np.int64))
+    elif sinks == "keep_sink":
+        p = g.op("Slice", p, g.const([1], np.int64), g.const([2**62], np.int64), g.const([-1], np.int64))
     out = g.op("MatMul", p, v)
     model = g.model(out, opset=opset)
     if probs_as_output:
@@ -187,3 +199,19 @@ def float16_upcast_attention_model(*, heads=4, head=8):
     probs = g.op("Softmax", masked, axis=-1)
     out = g.op("MatMul", probs, g.op("Cast", v, to=TensorProto.FLOAT))
     return g.model(g.op("Cast", out, to=TensorProto.FLOAT16), dtype=TensorProto.FLOAT16)
+
+
+def router_and_attention_model(*, heads=4, head=8, experts=4):
+    """An attention layer and an MoE router over its output: softmax(x W_router) then TopK, the
+    router's expert weights scaling the output (as Qwen3-MoE and GPT-OSS write them)."""
+    g = GraphBuilder()
+    q, k, v = (g.input(n, TensorProto.FLOAT, ["B", heads, "S", head]) for n in ("q", "k", "v"))
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(head ** -0.5))
+    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, N, S, H]
+    hidden = g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * head], np.int64))
+    router = np.random.default_rng(3).standard_normal((heads * head, experts)).astype(np.float32)
+    weights = g.op("Softmax", g.op("MatMul", hidden, g.const(router)), axis=-1)
+    name = f"t{len(g.nodes)}_topk"
+    g.nodes.append(helper.make_node("TopK", [weights, g.const([2], np.int64)], [name, name + "_i"], axis=-1))
+    scale = g.op("ReduceSum", name, g.const([-1], np.int64), keepdims=1)
+    return g.model(g.op("Mul", hidden, scale))

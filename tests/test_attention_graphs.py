@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 
 import onnx_fuse
-from graphs import attention_model, flat_attention_model, float16_upcast_attention_model, random_inputs
+from graphs import (attention_model, flat_attention_model, float16_upcast_attention_model, random_inputs,
+                    router_and_attention_model)
 
 
 def run(model, feeds):
@@ -182,3 +183,95 @@ def test_nothing_to_fuse_passes_through_unchanged():
     result = onnx_fuse.fuse(model)
     assert result.model.SerializeToString() == model.SerializeToString()
     assert result.report["opset"] == {"from": 17, "to": 17}
+
+
+def test_learned_sinks_are_recognized_and_left_unfused_with_the_reason():
+    """GPT-OSS's sinks cannot be expressed by ONNX Attention: the core is matched, its spec
+    carries the sink logits, and the onnx target refuses it, saying why."""
+    model = attention_model(sinks="gpt-oss")
+    result = onnx_fuse.fuse(model, check=False)
+    assert result.report["counts"] == {} and not result.changed
+    (miss,) = result.report["unfused"]
+    assert miss["pattern"] == "attention" and "cannot express learned attention sinks" in miss["reason"]
+
+
+def test_a_sliced_softmax_that_keeps_the_extra_column_is_not_attention_with_sinks():
+    model = attention_model(sinks="keep_sink")
+    (miss,) = onnx_fuse.fuse(model, check=False).report["unfused"]
+    assert "does not drop exactly the one sink column" in miss["reason"], miss
+
+
+def test_the_spec_of_an_attention_with_sinks(monkeypatch):
+    """What a target that takes sinks receives: the [1, heads, 1, 1] logits, and zero output for
+    rows whose keys are all hidden (the sink takes all the weight)."""
+    from onnx_fuse.graph import Graph
+    from onnx_fuse.pattern import match
+    from onnx_fuse.patterns.attention import RULES
+
+    rule = RULES[0]
+    graph = Graph(onnx.shape_inference.infer_shapes(attention_model(sinks="gpt-oss", mask="keep")))
+    (softmax,) = graph.nodes_of("Softmax")
+    found, why = match(rule.pattern, graph, rule.root(graph, softmax))
+    spec = rule.describe(graph, found)
+    assert tuple(spec.sinks.shape) == (1, 4, 1, 1) and spec.empty_row_output == "zero"
+
+
+def test_an_moe_router_softmax_is_not_attention_and_stays_as_it_was():
+    model = router_and_attention_model()
+    result = onnx_fuse.fuse(model, inputs=random_inputs(model, {"S": 3}))
+    assert result.report["counts"] == {"attention": 1}
+    assert result.report["unfused"] == [] and result.report["check"]["passed"]
+    softmax = [n for n in result.model.graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 1 and softmax[0].output[0] in {i for n in result.model.graph.node
+                                                             if n.op_type == "TopK" for i in n.input}
+
+
+def if_attention_model():
+    """An If whose branches each hold an attention core over the outer scope's Q, K, V (as
+    optimum's merged decoders switch between a first step and a cached step)."""
+    from onnx import TensorProto, helper
+
+    def branch(name, scale):
+        g = attention_model(scale_on="scores")
+        body = g.graph
+        for node in body.node:  # the branch reads the outer q, k, v; its constants are its own
+            node.name = f"{name}/{node.name}"
+        for init in body.initializer:
+            if init.data_type == TensorProto.FLOAT and init.dims == []:
+                init.CopyFrom(onnx.numpy_helper.from_array(np.array(scale, np.float32), init.name))
+        result = helper.make_tensor_value_info(body.output[0].name, TensorProto.FLOAT, ["B", 4, "S", 8])
+        return helper.make_graph(list(body.node), name, [], [result], list(body.initializer))
+
+    then_branch, else_branch = branch("then", 0.25), branch("else", 0.5)
+    for node in else_branch.node:  # distinct tensor names in the two scopes
+        node.output[:] = [f"else_{o}" for o in node.output]
+        node.input[:] = [i if i in ("q", "k", "v") or i.startswith("c") else f"else_{i}" for i in node.input]
+    else_branch.output[0].name = f"else_{else_branch.output[0].name}"
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 4, "S" if n == "q" else "T", 8])
+              for n in ("q", "k", "v")]
+    inputs.append(helper.make_tensor_value_info("first_step", TensorProto.BOOL, []))
+    node = helper.make_node("If", ["first_step"], ["out"], then_branch=then_branch, else_branch=else_branch)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 4, "S", 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_attention_inside_if_branches_fuses_in_each_branch():
+    model = if_attention_model()
+    without_flag = onnx.ModelProto()
+    without_flag.CopyFrom(model)
+    without_flag.graph.input.pop()
+    feeds = random_inputs(without_flag)
+    result = onnx_fuse.fuse(model, inputs={**feeds, "first_step": np.array(True)})
+    assert result.report["counts"] == {"attention": 2} and result.report["check"]["passed"]
+    (if_node,) = result.model.graph.node
+    for branch in if_node.attribute:
+        assert [n.op_type for n in branch.g.node].count("Attention") == 1
+        assert "Softmax" not in [n.op_type for n in branch.g.node]
+    for first_step in (True, False):  # each branch computes what it did
+        case = {**feeds, "first_step": np.array(first_step)}
+        fused = ort.InferenceSession(result.model.SerializeToString()).run(None, case)[0]
+        original = ort.InferenceSession(model.SerializeToString()).run(None, case)[0]
+        np.testing.assert_allclose(fused, original, rtol=1e-5, atol=1e-5)

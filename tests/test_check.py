@@ -269,15 +269,20 @@ def test_unrelated_lengths_fall_back_to_equal_when_the_model_needs_it():
     assert check_equivalent(model, model).passed
 
 
-def test_no_workable_shapes_raises_check_error():
-    # The mask must be 8 * seq long: not among the sizes tried.
+def _flattened_tokens_plus_mask(square: bool) -> ModelRef:
+    """out = flatten(tokens) + mask: the mask must be as long as the flattened tokens, 8 * seq
+    (a Reshape the relation finder solves), or seq * seq when `square` (tokens @ tokensᵀ:
+    not a linear relation, found by nothing)."""
     inits = [
         numpy_helper.from_array(np.ones((VOCAB, 8), np.float32), "embed"),
         numpy_helper.from_array(np.array([0, -1], np.int64), "flat"),
     ]
-    nodes = [
-        helper.make_node("Gather", ["embed", "input_ids"], ["tokens"]),
-        helper.make_node("Reshape", ["tokens", "flat"], ["flat_tokens"]),
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["tokens"])]
+    if square:
+        nodes += [helper.make_node("Transpose", ["tokens"], ["tokens_t"], perm=[0, 2, 1]),
+                  helper.make_node("MatMul", ["tokens", "tokens_t"], ["grid"])]
+    nodes += [
+        helper.make_node("Reshape", ["grid" if square else "tokens", "flat"], ["flat_tokens"]),
         helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
         helper.make_node("Add", ["flat_tokens", "m"], ["out"]),
     ]
@@ -286,9 +291,18 @@ def test_no_workable_shapes_raises_check_error():
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
     ]
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
-    model = ModelRef(_model(nodes, inputs, [out], inits))
+    return ModelRef(_model(nodes, inputs, [out], inits))
+
+
+def test_a_length_the_graph_implies_is_read_from_it():
+    # total = 8 * seq: no candidate size says so, the Reshape and the Add do.
+    inputs = synthesize_inputs(_flattened_tokens_plus_mask(square=False))
+    assert inputs["attention_mask"].shape == (2, 8 * inputs["input_ids"].shape[1])
+
+
+def test_no_workable_shapes_raises_check_error():
     with pytest.raises(CheckError, match="did not run"):
-        synthesize_inputs(model)
+        synthesize_inputs(_flattened_tokens_plus_mask(square=True))
 
 
 # --------------------------------------------------------------------------- external data

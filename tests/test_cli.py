@@ -361,12 +361,16 @@ def test_subprocess_bad_input_and_success(tmp_path):
 
 def test_input_that_does_not_run_is_one_line(capfd, tmp_path):
     model = onnx.load(os.path.join(MODELS, "gpt2_prefill_eager_dynamo.onnx"))
-    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
-    matmul.input[0], matmul.input[1] = matmul.input[1], matmul.input[0]  # shapes clash at run
+    # ids shifted past the vocabulary: every embedding lookup fails at run time (shape
+    # inference and the checker's sizes cannot see it)
+    for node in model.graph.node:
+        node.input[:] = ["shifted_ids" if name == "input_ids" else name for name in node.input]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1000, np.int64), "shift"))
+    model.graph.node.insert(0, helper.make_node("Add", ["input_ids", "shift"], ["shifted_ids"]))
     path = save(model, tmp_path / "in.onnx")
     # onnxruntime logs the failure natively to fd 2 too; the command shows only its own line
     assert_refused(capfd, tmp_path, ["fuse", path, "-o", tmp_path / "out.onnx"], inputs=[path],
-                   expect="cannot check: the input model failed to run")
+                   expect="cannot check: reference model did not run")
 
 
 def test_failed_check_is_exit_1_and_writes_no_model(capfd, tmp_path, model_path, monkeypatch):
@@ -412,18 +416,20 @@ def test_inspect_says_what_fuses_and_explains_every_candidate_it_leaves(capfd):
     code, out, err = run_main(capfd, "inspect", rotary)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].startswith("fused: attention 2;")
+    assert lines[0].startswith("fused: attention 2, rope 4; unfused candidates: 0")
     fuses = [line for line in lines if line.lstrip().startswith("fuses")]
-    misses = [line for line in lines if line.lstrip().startswith("unfused")]
-    assert len(fuses) == 2 and all("mask_class=causal_padding" in f for f in fuses)
-    # Each RoPE left alone gets one line: the rule, its anchor node and the first failed condition.
-    assert len(misses) == 4
-    assert all(" rope " in m and "at Neg '" in m and "max_positions is unknown" in m for m in misses)
-    # With the bound given, nothing is left.
+    assert len(fuses) == 6
+    assert sum("mask_class=causal_padding" in f for f in fuses) == 2
+    # Nothing bounds the positions: RoPE takes the graph's own cos/sin, and says why.
+    assert sum("form=computed" in f and "nothing bounds the positions" in f for f in fuses) == 4
+    # With the bound given, the table form with position ids.
     code, out, _ = run_main(capfd, "inspect", rotary, "--max-positions", 64)
-    lines = out.splitlines()
-    assert code == 0 and lines[0].startswith("fused: attention 2, rope 4; unfused candidates: 0")
-    assert not any(line.lstrip().startswith("unfused") for line in lines)
+    assert code == 0 and sum("form=table" in line for line in out.splitlines()) == 4
+    # Each candidate a target leaves gets one line: the rule, its anchor node and the reason.
+    code, out, _ = run_main(capfd, "inspect", rotary, "--target", "primitive-trt")
+    misses = [line for line in out.splitlines() if line.lstrip().startswith("unfused")]
+    assert code == 0 and len(misses) == 4
+    assert all(" rope " in m and "at Neg '" in m and "keeps this as primitive ops" in m for m in misses)
 
 
 def test_inspect_json_report_has_the_contract_fields(capfd, tmp_path):
@@ -432,7 +438,8 @@ def test_inspect_json_report_has_the_contract_fields(capfd, tmp_path):
     report = __import__("json").loads(out)
     assert code == 0 and report["counts"] == {}
     (miss,) = report["unfused"]
-    assert set(miss) == {"anchor", "pattern", "reason"}
+    assert set(miss) == {"anchor", "pattern", "reason", "position"}
+    assert isinstance(miss["position"], int)  # the anchor's place in the graph (report_html's layers)
     assert miss["pattern"] == "attention" and "graph output" in miss["reason"]
 
 

@@ -156,7 +156,7 @@ def test_opset_is_raised_to_what_fuses(monkeypatch):
 
     monkeypatch.setattr(fuse_module, "raise_opset", refuse_24)
     report = onnx_fuse.fuse(os.path.join(MODELS, name)).report
-    assert report["counts"] == {"attention": 2}
+    assert report["counts"] == {"attention": 2, "rope": MANIFEST[name]["rope_applications"]}
     assert report["opset"] == {"from": 17, "to": 23}
     assert report["check"]["passed"]
     blocked = [u for u in report["unfused"] if u["pattern"] == "kv_cache"

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from graphs import GraphBuilder
 from onnx_fuse import mask_program, masks
 from onnx_fuse.check import ModelRef, synthesize_inputs
+from onnx_fuse.widen import has_bfloat16, widened, widened_inputs
 from onnx_fuse.graph import Graph, onnx_dtype
 from onnx_fuse.masks import (classify_mask, depends_on_padding, evaluate_mask, mask_dependencies,
                              padding_input)
@@ -494,8 +495,10 @@ def model_masks(name):
     graph = Graph(onnx.shape_inference.infer_shapes(model, data_prop=True))
     rule, found = RULES[0], []
     for softmax in graph.nodes_of("Softmax"):
-        matched, _ = match(rule.pattern, graph, rule.root(graph, softmax))
+        if not rule.candidate(graph, softmax):  # an MoE router's softmax is not attention
+            continue
         try:
+            matched, _ = match(rule.pattern, graph, rule.root(graph, softmax))
             spec = rule.describe(graph, matched) if matched is not None else None
         except Reject:
             spec = None
@@ -528,18 +531,26 @@ def ancestors(graph, tensor):
 
 def expected_classes(truth):
     """Per attention core, (kind, alignment, window, padding) from the manifest, or None where
-    the manifest does not pin it (sequence-to-sequence models mix three kinds of cores)."""
+    the manifest does not pin it: sequence-to-sequence and cross-attention decoders mix kinds of
+    cores, a merged decoder holds two models, a mask that reads a graph input besides the
+    padding (transformers' exporter feeds its sliding window as an input) or cannot be sized
+    from its own inputs (HF's sliding-window cache, whose past is shorter than the mask) is not
+    a class, and an encoder's local window is symmetric, which no class describes."""
+    cores = truth["attention_cores"] - (truth.get("native_attention_ops") or 0)
+    types = truth.get("layer_types") or ["full_attention"] * cores
     if truth["kind"] in ("prefill", "decode") and truth["causal"]:
         alignment = "lower_right" if truth["kind"] == "decode" else "upper_left"
-        types = truth.get("layer_types") or ["full_attention"] * truth["attention_cores"]
+        if truth.get("exporter") == "transformers" or truth.get("cache") == "sliding_window":
+            return [None] * cores
         return [("sliding_window", alignment, truth["sliding_window"], True)
                 if t == "sliding_attention" else ("causal_padding", alignment, None, True)
                 for t in types]
     if truth["kind"] == "encoder":
         padded = "attention_mask" in truth["inputs"]
-        return [("padding", None, None, True) if padded else ("none", None, None, False)] * \
-            truth["attention_cores"]
-    return [None] * truth["attention_cores"]
+        return [None if t == "sliding_attention" else
+                ("padding", None, None, True) if padded else ("none", None, None, False)
+                for t in types]
+    return [None] * cores
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))
@@ -548,7 +559,7 @@ def test_committed_models_classify_as_the_manifest_says(name):
     graph, model, found = model_masks(name)
     classes = [None if m is None else masks.classify_mask_spec(graph, m, model=model) for m in found]
     found = [c for c in classes if c is not None]
-    assert len(classes) == truth["attention_cores"]
+    assert len(classes) == truth["attention_cores"] - (truth.get("native_attention_ops") or 0)
     if truth["kind"] == "decode_static":
         # the mask reads cache_position's values: not a class of its own yet, and never guessed
         assert found and all(c.kind == "arbitrary" and "'cache_position'" in c.reason for c in found)
@@ -560,6 +571,8 @@ def test_committed_models_classify_as_the_manifest_says(name):
                              for c in found), found
         return
     for c, expected in zip(classes, expected_classes(truth)):
+        if expected is None:
+            continue
         if c is None:  # no mask fused into the scores (encoders without a padding input)
             assert expected[0] == "none"
             continue
@@ -575,6 +588,8 @@ def run_with_mask_outputs(model, tensors, inputs):
     probe.CopyFrom(model)
     for t in tensors:
         probe.graph.output.append(helper.make_tensor_value_info(t.name, onnx_dtype(t), None))
+    if has_bfloat16(probe):  # onnxruntime's CPU provider runs bfloat16 models widened
+        probe, inputs = widened(probe, MODELS), widened_inputs(inputs)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run([t.name for t in tensors], inputs)
 
@@ -584,6 +599,8 @@ def test_classes_hold_on_the_full_model_at_other_sizes(name):
     """An independent check of every class claimed: the full model runs on the checker's own
     inputs (sizes the classifier did not use) with random 0/1 padding rows, and the mask tensor
     it computes equals the class's template."""
+    if MANIFEST[name].get("known_exporter_bugs"):
+        pytest.skip("the export does not run at the checker's sizes as written (an exporter bug)")
     graph, model, found = model_masks(name)
     claims = []
     for m in found:
@@ -593,7 +610,8 @@ def test_classes_hold_on_the_full_model_at_other_sizes(name):
                 claims.append((m, c))
     if not claims:
         pytest.skip("no mask class claimed")
-    inputs = synthesize_inputs(ModelRef(model, MODELS), batch=3, seed=1)
+    runnable = widened(model, MODELS) if has_bfloat16(model) else model  # as onnxruntime runs bf16
+    inputs = synthesize_inputs(ModelRef(runnable, MODELS), batch=3, seed=1)
     if "attention_mask" in inputs:
         rng = np.random.default_rng(7)
         pad = (rng.random(inputs["attention_mask"].shape) < 0.6).astype(inputs["attention_mask"].dtype)
@@ -605,7 +623,7 @@ def test_classes_hold_on_the_full_model_at_other_sizes(name):
         values = values.reshape((1,) * (4 - values.ndim) + values.shape)
         visible = masks.visibility(values, drop=spec.kind == "drop")
         query, key = visible.shape[2], visible.shape[3]
-        expected = masks.template(c, query, key, inputs.get("attention_mask") if c.padding else None)
+        expected = masks.template(c, query, key, inputs.get(c.padding_input) if c.padding else None)
         shape = np.broadcast_shapes(visible.shape, expected.shape)
         np.testing.assert_array_equal(np.broadcast_to(visible, shape), np.broadcast_to(expected, shape))
 
@@ -615,6 +633,8 @@ def test_classes_hold_on_the_full_model_at_other_sizes(name):
 def test_mask_program_computes_what_the_model_computes(name):
     """The extracted program (shapes fed in place of the tensors behind them) agrees with the
     full model's own mask tensor on the same inputs."""
+    if MANIFEST[name].get("known_exporter_bugs"):
+        pytest.skip("the export does not run at the driver's sizes as written (an exporter bug)")
     graph, model, found = model_masks(name)
     mask = next(m.tensor for m in found if m is not None)
     for batch, query, past in [(3, 4, 3), (2, 1, 5)] if MANIFEST[name]["kind"] == "decode" else [(4, 6, 0)]:

@@ -17,37 +17,88 @@ MANIFEST = json.load(open(os.path.join(MODELS, "manifest.json")))["files"]
 
 
 def ops(model):
-    return [n.op_type for n in model.graph.node]
+    """Every node's op type, those inside If/Loop/Scan bodies included."""
+    found, graphs = [], [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            found.append(node.op_type)
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+    return found
 
 
-@pytest.mark.parametrize("name", sorted(MANIFEST))
+# What onnx-fuse cannot do yet on some exports, each with the reason: the test expects these to
+# fail and fails when one starts passing (strict), so the list only ever shrinks.
+KNOWN_GAPS: dict[str, list[str]] = {}
+GAP = {name: reason for reason, names in KNOWN_GAPS.items() for name in names}
+
+
+def runnable(truth) -> bool:
+    """onnxruntime's CPU provider runs the export as written (bfloat16 files are checked widened)."""
+    return truth.get("ort_cpu_runs", True) is not False or truth.get("dtype") == "bfloat16"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=GAP[n], strict=True))
+                                  if n in GAP else n for n in sorted(MANIFEST) if runnable(MANIFEST[n])])
 def test_every_attention_core_fuses_and_checks(name):
+    """Every attention core fuses except those with learned sinks, which ONNX Attention cannot
+    express (left unfused, saying why), and those the exporter already wrote as Attention;
+    every RoPE application fuses; the check passes."""
     truth = MANIFEST[name]
+    source = ops(onnx.load(os.path.join(MODELS, name)))
     result = onnx_fuse.fuse(os.path.join(MODELS, name), check=True)
     report = result.report
-    assert report["counts"].get("attention", 0) == truth["attention_cores"], report["unfused"]
-    assert report["check"]["passed"], report["check"]["message"]
-    assert set(report["check"]["outputs"]) == set(truth["outputs"])
-    assert ops(result.model).count("Attention") == truth["attention_cores"]
-    assert "Softmax" not in ops(result.model)
+    native = source.count("Attention")  # what the exporter wrote as Attention itself
+    sinks = truth["attention_cores"] if truth.get("attention_sinks") else 0
+    assert report["counts"].get("attention", 0) == truth["attention_cores"] - native - sinks, report["unfused"]
+    unfused = [u for u in report["unfused"] if u["pattern"] == "attention"]
+    assert len(unfused) == sinks and all("attention sinks" in u["reason"] for u in unfused), unfused
+    # No flags: every RoPE application fuses (computed cos/sin where nothing bounds positions).
+    expected_rope = truth["rope_applications"] - source.count("RotaryEmbedding")
+    assert report["counts"].get("rope", 0) == expected_rope, report["unfused"]
+    assert report["check"] is None or report["check"]["passed"], report["check"]["message"]
+    if report["check"] is not None:
+        assert set(report["check"]["outputs"]) == set(truth["outputs"])
+    assert ops(result.proto).count("Attention") == truth["attention_cores"] - sinks
+    routers = (truth.get("moe") or {}).get("router_softmax", 0)
+    assert ops(result.proto).count("Softmax") == routers + sinks  # an MoE router is not attention
     attention = [f for f in report["fused"] if f["rule"] == "attention"]
+    # the scale as a constant of the model's type: float16 and bfloat16 round it
+    scale_tolerance = {"float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}[truth.get("dtype", "float32")]
     for fused in attention:
         assert fused["head_size"] == truth["head_size"]
         assert fused["q_heads"] == truth["q_heads"]
         assert fused["kv_heads"] == truth["kv_heads"]  # GQA head repetition removed
+        assert fused.get("value_head_size") == truth.get("v_head_size")
         if truth.get("scale_applied_to") == "query":  # Whisper scales q_proj's output itself
             assert fused["scale"] == pytest.approx(1.0)
         else:
-            assert fused["scale"] == pytest.approx(truth["attention_scale"], rel=1e-6)
-    onnx.checker.check_model(result.model)
+            assert fused["scale"] == pytest.approx(truth["attention_scale"], rel=scale_tolerance)
+    onnx.checker.check_model(result.proto)
     classes = {f["mask_class"] for f in attention}
-    if truth.get("sliding_window"):
+    if truth.get("sliding_window") and not sinks:
         windows = {f["window"] for f in attention if f["mask_class"] == "sliding_window"}
-        assert windows == {truth["sliding_window"]}
+        assert windows <= {truth["sliding_window"]}  # a window found is the model's
+        if truth.get("exporter", "torchscript") in ("torchscript", "dynamo") and truth.get("cache") != "sliding_window":
+            assert windows == {truth["sliding_window"]}  # masks computed from the positions alone
     if truth["kind"] == "decode":
         # Queries aligned to the end of the cache: never Attention's (upper-left) is_causal.
         assert not any(f["is_causal"] for f in attention)
         assert "causal_upper_left" not in classes
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(MANIFEST) if not runnable(MANIFEST[n])])
+def test_an_export_onnxruntime_cannot_run_is_never_changed_unchecked(name):
+    """An exporter bug that onnxruntime cannot run at any size (the manifest says which): with
+    the check on, a rewrite is refused with the line saying the model does not run, or nothing
+    fuses and the model passes through unchanged, every candidate reported."""
+    assert MANIFEST[name]["known_exporter_bugs"], "only known exporter bugs are expected here"
+    try:
+        result = onnx_fuse.fuse(os.path.join(MODELS, name), check=True)
+    except onnx_fuse.BadInput as refused:
+        assert "run" in str(refused)
+        return
+    assert not result.changed and result.report["unfused"]
 
 
 def test_checking_catches_an_ignored_sliding_window():

@@ -1,110 +1,17 @@
 """Triton kernels for onnx_fuse.plugin_ops' ops, with torch launchers.
 
 `attention` (flash prefill; split-KV decode when the queries of a KV head fit one tile),
-`rope`, `kv_write`; `reference` holds their float64 torch definitions. Needs torch and triton
-(the `kernels` extra). Inputs are made contiguous; attributes match the ONNX op's.
+`rope`, `kv_write` (from ops.py, loaded on first use: torch is needed only then);
+`reference` holds their float64 torch definitions; `launch` the tiles and grids, shared with
+the TensorRT AOT step. Needs torch and triton (the `kernels` extra). Inputs are made
+contiguous; attributes match the ONNX op's.
 """
-import math
-from dataclasses import astuple
+import importlib
 
-import torch
-import triton
-
-from . import launch
-from .attention import attn_decode_combine_kernel, attn_decode_split_kernel, attn_fwd_kernel
-from .kv_write import kv_write_kernel
-from .rope import rope_kernel
+_OPS = ("attention", "rope", "kv_write")
 
 
-def _neutral_inputs(q, k, key_mask, sinks, kv_lengths):
-    b, nq = q.shape[:2]
-    skv = k.shape[2]
-    if key_mask is None:
-        key_mask = torch.ones((1, 1), dtype=torch.bool, device=q.device)
-    if sinks is None:
-        sinks = torch.full((nq,), -math.inf, dtype=torch.float32, device=q.device)
-    if kv_lengths is None:
-        kv_lengths = torch.full((b,), skv, dtype=torch.int32, device=q.device)
-    return key_mask, sinks, kv_lengths.to(torch.int32)
-
-
-def _attn_constexprs(q, k, v, scale, causal, window, softcap, use_mask):
-    head, head_v = k.shape[-1], v.shape[-1]
-    return dict(SCALE=float(scale), SOFTCAP=float(softcap), CAUSAL=int(causal), WINDOW=int(window),
-                HAS_MASK=bool(use_mask), HEAD=head, HEAD_V=head_v,
-                BLOCK_D=launch.next_pow2(head), BLOCK_DV=launch.next_pow2(head_v))
-
-
-def attention(q, k, v, key_mask=None, sinks=None, kv_lengths=None, *, scale=None, causal=0,
-              window=0, softcap=0.0, masked_row=0, decode=None, tile=None, splits=None):
-    """The attention op. key_mask None: no mask; sinks None: none; kv_lengths None: Skv."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    b, nq, sq, head = q.shape
-    nkv, skv, head_v = k.shape[1], k.shape[2], v.shape[3]
-    use_mask = key_mask is not None
-    key_mask, sinks, kv_lengths = _neutral_inputs(q, k, key_mask, sinks, kv_lengths)
-    key_mask = key_mask.contiguous()
-    scale = 1.0 / math.sqrt(head) if scale is None else scale
-    const = _attn_constexprs(q, k, v, scale, causal, window, softcap, use_mask)
-    out = torch.empty((b, nq, sq, head_v), dtype=q.dtype, device=q.device)
-    rows = nq // nkv * sq
-    if decode is None:
-        decode = rows <= 64 and skv >= 4 * sq
-    if decode:
-        tile = tile or launch.decode_tile(rows, head, head_v)
-        # every query row of a KV head lives in one tile
-        tile = launch.Tile(max(tile.block_m, launch.next_pow2(rows)), *astuple(tile)[1:])
-        splits = splits or launch.decode_splits(b, nkv, skv, tile.block_n, _sm_count(q))
-        part_o = torch.empty((b * nq * sq, splits, head_v), dtype=torch.float32, device=q.device)
-        part_m = torch.empty((b * nq * sq, splits), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        attn_decode_split_kernel[launch.decode_grid(b, nkv, splits)[:2]](
-            q, k, v, key_mask, kv_lengths, nq, nkv, sq, skv, part_o, part_m, part_l,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
-            num_stages=tile.num_stages, **{n: const[n] for n in const})
-        attn_decode_combine_kernel[(b * nq * sq,)](
-            part_o, part_m, part_l, sinks, v, nq, nkv, sq, skv, out, MASKED_ROW=int(masked_row),
-            HEAD_V=head_v, BLOCK_DV=const["BLOCK_DV"], SPLITS=splits,
-            BLOCK_S=launch.next_pow2(splits), BLOCK_N=tile.block_n, num_warps=4)
-        return out
-    tile = tile or launch.prefill_tile(head, head_v)
-    attn_fwd_kernel[launch.prefill_grid(b, nq, sq, tile)[:2]](
-        q, k, v, key_mask, sinks, kv_lengths, nq, nkv, sq, skv, out,
-        MASKED_ROW=int(masked_row), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        num_warps=tile.num_warps, num_stages=tile.num_stages, **const)
-    return out
-
-
-def _sm_count(t):
-    if t.device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(t.device).multi_processor_count
-
-
-def rope(x, cos_cache, sin_cache, position_ids, *, interleaved=0, rotary_dim=0, out=None):
-    """Out of place by default; out=x rotates in place."""
-    x = x.contiguous()
-    b, n, s, head = x.shape
-    half = (rotary_dim or head) // 2
-    out = torch.empty_like(x) if out is None else out
-    block_r, block_d = launch.rows_tile(head)
-    rows = b * n * s
-    rope_kernel[launch.rows_grid(rows, block_r)[:1]](
-        x, cos_cache.contiguous(), sin_cache.contiguous(), position_ids.contiguous(), rows,
-        n * s, s, out, HEAD=head, HALF=half, INTERLEAVED=bool(interleaved), BLOCK_D=block_d,
-        BLOCK_R=block_r, num_warps=4)
-    return out
-
-
-def kv_write(cache, update, write_indices):
-    """Writes update into cache in place (cache must be contiguous) and returns it."""
-    assert cache.is_contiguous()
-    update = update.contiguous()
-    b, n, length, head = cache.shape
-    s = update.shape[2]
-    block_r, block_d = launch.rows_tile(head)
-    rows = b * n * s
-    kv_write_kernel[launch.rows_grid(rows, block_r)[:1]](
-        cache, update, write_indices.contiguous(), rows, n, s, length, cache, HEAD=head,
-        BLOCK_D=block_d, BLOCK_R=block_r, num_warps=4)
-    return cache
+def __getattr__(name):
+    if name in _OPS:
+        return getattr(importlib.import_module(".ops", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

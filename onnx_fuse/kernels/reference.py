@@ -11,7 +11,9 @@ import torch
 def query_positions(kv_lengths, sq, causal):
     """Position of each query [B, Sq]: upper-left (i) or lower-right (kv_lengths[b] - Sq + i)."""
     i = torch.arange(sq, device=kv_lengths.device)
-    offset = (kv_lengths.long() - sq) if causal == 2 else torch.zeros_like(kv_lengths, dtype=torch.long)
+    offset = kv_lengths.long() - sq
+    if causal != 2:
+        offset = torch.zeros_like(offset)
     return offset[:, None] + i[None, :]
 
 
@@ -73,7 +75,7 @@ def rope(x, cos_cache, sin_cache, position_ids, *, interleaved=0, rotary_dim=0):
 
 
 def kv_write(cache, update, write_indices):
-    """The cache with update[b, :, t] at slot write_indices[b] + t; slots outside [0, L) are dropped."""
+    """The cache with update[b, :, t] at slot write_indices[b] + t; slots outside [0, L) dropped."""
     out = cache.clone()
     length, steps = cache.shape[2], update.shape[2]
     for b, start in enumerate(write_indices.tolist()):

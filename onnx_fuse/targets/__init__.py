@@ -7,8 +7,9 @@ from .base import Proof, Target
 from .onnx import OnnxTarget
 from .ort import OrtTarget
 from .primitive_trt import PrimitiveTrtTarget
+from .trt11 import Trt11Target
 
-TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget(), OrtTarget()]}
+TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget(), Trt11Target(), OrtTarget()]}
 
 
 def get_target(name: str) -> Target:

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar
 
 import onnx
 
+from ..errors import BadInput
 from ..rewrite import Reject, Rewrite
 
 
@@ -52,6 +53,23 @@ class Target:
     emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}
     # The report key under which `contract` entries appear (the runtime they are checked for).
     contract_name: ClassVar[str] = "tensorrt"
+
+    def static_form(self):
+        """How `--kv-cache static` writes and reads this target's fixed caches
+        (kv_static.StandardForm's interface), or None for the standard ops' form."""
+        return None
+
+    def configured(self, options: dict) -> "Target":
+        """This target with the user's options for it (e.g. {"cp_ranks": 2}); BadInput for an
+        option it does not take. A target without options is its own configuration."""
+        if options:
+            raise BadInput(f"target {self.name} takes no option {', '.join(sorted(options))}")
+        return self
+
+    def notes(self) -> list[str]:
+        """What the user must know to run the output (a build flag, a hardware requirement):
+        the report's `target_notes`."""
+        return []
 
     def refusal(self, spec) -> str | None:
         """Why this target cannot express `spec`, or None if it can."""

@@ -37,19 +37,33 @@ def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     finish(spec, "Attention", inputs, attrs, rw)
 
 
-def finish(spec: AttentionSpec, op_type: str, inputs: list, attrs: dict, rw: Rewrite) -> None:
-    """The last op of an attention, then what makes its result the original's output tensor
-    (which the last node emitted takes over): a Cast where the original computed the product
-    in another type, a Reshape to [B*N, S, H] where it was 3-D."""
+def scaled(x: Tensor, scale: float, dtype: int, rw: Rewrite) -> Tensor:
+    """x · scale, the way TensorRT wants Q pre-scaled. In float16 and bfloat16 the product is
+    taken in float32 and rounded once: a scale constant of x's own type would be rounded first
+    (the exports' sqrt(scale) on Q and on K, squared, is not a bfloat16 number)."""
+    if dtype in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        return rw.op("Mul", [x, rw.const("q_scale", np.array(scale, np_type))], dtype=np_type)
+    wide = rw.op("Cast", [x], {"to": onnx.TensorProto.FLOAT}, dtype=np.float32)
+    wide = rw.op("Mul", [wide, rw.const("q_scale", np.array(scale, np.float32))], dtype=np.float32)
+    return rw.op("Cast", [wide], {"to": dtype})
+
+
+def finish(spec: AttentionSpec, op_type: str, inputs: list, attrs: dict, rw: Rewrite, *,
+           domain: str = "", dtype: int | None = None) -> None:
+    """The last op of an attention (of `domain`, computing in `dtype`, default Q's), then what
+    makes its result the original's output tensor (which the last node emitted takes over): a
+    Cast where the original's product has another type, a Reshape to [B*N, S, H] where it was 3-D."""
     steps = []
-    if spec.output_dtype is not None and spec.output_dtype != spec.dtype:
+    computed = spec.dtype if dtype is None else dtype
+    if spec.output_dtype is not None and spec.output_dtype != computed:
         steps.append(("Cast", {"to": spec.output_dtype}))
     if spec.flat_output:
         steps.append(("Reshape", None))
     if not steps:
-        rw.op(op_type, inputs, attrs, outputs=[spec.output])
+        rw.op(op_type, inputs, attrs, domain=domain, outputs=[spec.output])
         return
-    output = rw.op(op_type, inputs, attrs)
+    output = rw.op(op_type, inputs, attrs, domain=domain)
     for i, (step, step_attrs) in enumerate(steps):
         last = [spec.output] if i == len(steps) - 1 else None
         if step == "Reshape":
@@ -127,32 +141,83 @@ def _same_dim(a, b) -> bool:
 def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     """RotaryEmbedding on 4-D [batch, heads, seq, head] input, the form TensorRT's parser takes:
     x before the head transpose is transposed there and back, a 3-D single head gets a heads axis.
-    The caches and the [batch, seq] position ids are built once and shared by every layer."""
-    cos, sin, positions = rotary_inputs(spec, rw)
+    The tables (caches and [batch, seq] position ids, or per-token cos/sin [batch, seq, rotary/2]
+    of the computed form) are built once and shared by every layer."""
     attrs = {"interleaved": int(spec.interleaved),
              "rotary_embedding_dim": 0 if spec.rotary_dim == spec.head_size else spec.rotary_dim}
+    x = _deinterleaved(spec.input, rw) if spec.deinterleave else spec.input
+    last = None if spec.around else [spec.output]  # the Concat around it takes the output over
     if spec.layout == "bnsh":
-        rw.op("RotaryEmbedding", [spec.input, cos, sin, positions], attrs, outputs=[spec.output])
-        return
-    if spec.layout == "bsnh":
-        x = rw.op("Transpose", [spec.input], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype)
-        y = rw.op("RotaryEmbedding", [x, cos, sin, positions], attrs, dtype=spec.input.dtype)
-        rw.op("Transpose", [y], {"perm": [0, 2, 1, 3]}, outputs=[spec.output])
-        return
-    heads_axis = rw.const("rope_heads_axis", np.array([1], dtype=np.int64))
-    x = rw.op("Unsqueeze", [spec.input, heads_axis], dtype=spec.input.dtype)
-    y = rw.op("RotaryEmbedding", [x, cos, sin, positions], attrs, dtype=spec.input.dtype)
-    rw.op("Squeeze", [y, heads_axis], outputs=[spec.output])
+        y = rw.op("RotaryEmbedding", [x, *rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype, outputs=last)
+    elif spec.layout == "bsnh":
+        x = rw.op("Transpose", [x], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype)
+        y = rw.op("RotaryEmbedding", [x, *rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype)
+        y = rw.op("Transpose", [y], {"perm": [0, 2, 1, 3]}, dtype=spec.input.dtype, outputs=last)
+    else:
+        heads_axis = rw.const("rope_heads_axis", np.array([1], dtype=np.int64))
+        x = rw.op("Unsqueeze", [x, heads_axis], dtype=spec.input.dtype)
+        y = rw.op("RotaryEmbedding", [x, *rotary_tables(spec, rw)], attrs, dtype=spec.input.dtype)
+        y = rw.op("Squeeze", [y, heads_axis], dtype=spec.input.dtype, outputs=last)
+    if spec.around:
+        before, after = spec.around
+        rw.op("Concat", [*before, y, *after], {"axis": -1}, outputs=[spec.output])
 
 
-def rotary_inputs(spec: RotarySpec, rw: Rewrite) -> tuple[Tensor, Tensor, Tensor]:
-    """The cos and sin caches and the position ids, built once and shared by every layer."""
-    cos = rw.shared(("rope_cos", spec.cache_key), lambda: rw.const("rope_cos_cache", spec.cos_cache))
-    sin = rw.shared(("rope_sin", spec.cache_key), lambda: rw.const("rope_sin_cache", spec.sin_cache))
+def _deinterleaved(x: Tensor, rw: Rewrite) -> Tensor:
+    """x's even channels, then its odd ones."""
+    axis, step = rw.const("rope_last_axis", np.array([-1], np.int64)), rw.const("rope_two", np.array([2], np.int64))
+    end = rw.const("rope_end", np.array([np.iinfo(np.int64).max], np.int64))
+    even, odd = (rw.op("Slice", [x, rw.const("rope_start", np.array([start], np.int64)), end, axis, step],
+                       dtype=x.dtype) for start in (0, 1))
+    return rw.op("Concat", [even, odd], {"axis": -1}, dtype=x.dtype)
+
+
+def rotary_tables(spec: RotarySpec, rw: Rewrite) -> list[Tensor]:
+    """RotaryEmbedding's inputs after x: (cos_cache, sin_cache, position_ids) of the table form,
+    (cos, sin) per token of the computed form."""
+    if spec.form == "computed":
+        key = ("rope_per_token", spec.cache_key, spec.layout)
+        return [rw.shared((*key, which), lambda t=table: _per_token(spec, t, rw))
+                for which, table in (("cos", spec.cos), ("sin", spec.sin))]
+    cos = rw.shared(("rope_cos", spec.cache_key), lambda: _cache(rw, "rope_cos_cache", spec.cos_cache, spec))
+    sin = rw.shared(("rope_sin", spec.cache_key), lambda: _cache(rw, "rope_sin_cache", spec.sin_cache, spec))
     # A 3-D x folds the heads into its batch, so q and k need position ids of their own.
     batch_of = id(spec.input) if spec.layout == "bsh" else None
     positions = rw.shared(("rope_positions", id(spec.positions), batch_of), lambda: _position_ids(spec, rw))
-    return cos, sin, positions
+    return [cos, sin, positions]
+
+
+def _per_token(spec: RotarySpec, table: Tensor, rw: Rewrite) -> Tensor:
+    """[batch, seq, rotary_dim / 2] from the graph's cos or sin as multiplied with x: the other
+    axes are 1 (proven when the tables were evaluated), one angle per pair of channels, the
+    batch broadcast to x's."""
+    seq_axis = {"bnsh": 2, "bsnh": 1, "bsh": 1}[spec.layout]
+    seq = rw.op("Shape", [spec.input], {"start": seq_axis, "end": seq_axis + 1}, dtype=np.int64)
+    channels = spec.rotary_dim // 2 if spec.tables_halved else spec.rotary_dim
+    flat = rw.op("Concat", [rw.const("rope_batch_any", np.array([-1], np.int64)), seq,
+                            rw.const("rope_channels", np.array([channels], np.int64))], {"axis": 0},
+                 dtype=np.int64)
+    pairs = rw.op("Reshape", [table, flat], dtype=table.dtype)
+    if not spec.tables_halved:
+        half = spec.rotary_dim // 2
+        starts, ends, steps = ([0], [spec.rotary_dim], [2]) if spec.interleaved else ([0], [half], [1])
+        pairs = rw.op("Slice", [pairs, rw.const("rope_start", np.array(starts, np.int64)),
+                                rw.const("rope_end", np.array(ends, np.int64)),
+                                rw.const("rope_last_axis", np.array([-1], np.int64)),
+                                rw.const("rope_step", np.array(steps, np.int64))], dtype=table.dtype)
+    batch = rw.op("Shape", [spec.input], {"start": 0, "end": 1}, dtype=np.int64)
+    target = rw.op("Concat", [batch, rw.const("rope_ones", np.ones(2, np.int64))], {"axis": 0}, dtype=np.int64)
+    return rw.op("Expand", [pairs, target], dtype=table.dtype)
+
+
+def _cache(rw: Rewrite, name: str, table: np.ndarray, spec: RotarySpec) -> Tensor:
+    """A cos/sin cache of x's type. Tables evaluated wider than x (bfloat16 subgraphs are
+    evaluated in float32) are kept so and cast once in the graph, rounding where the original
+    rounded its float32 cos/sin."""
+    cache = rw.const(name, table)
+    if onnx.helper.np_dtype_to_tensor_dtype(table.dtype) == spec.dtype:
+        return cache
+    return rw.op("Cast", [cache], {"to": spec.dtype}, dtype=onnx.helper.tensor_dtype_to_np_dtype(spec.dtype))
 
 
 def _position_ids(spec: RotarySpec, rw: Rewrite) -> Tensor:
@@ -173,15 +238,19 @@ def emit_kv_cache_write(spec: KVCacheWriteSpec, rw: Rewrite) -> None:
     """TensorScatter (opset 24; TensorRT's IKVCacheUpdateLayer): the update written into the
     cache along axis -2 at write_indices[b] = positions[0] for every batch row b. The write
     indices are built once per positions tensor (and batch) and shared by every layer."""
-    batch = rw.graph.shape(spec.past)
-    batch = batch[0] if batch is not None and batch[0] is not None else id(spec.past)
-    indices = rw.shared(("kv_write_indices", id(spec.positions), batch),
-                        lambda: _write_indices(spec, rw))
+    indices = shared_write_indices(spec, rw)
     update = spec.update
     if spec.update_perm is not None:
         update = rw.op("Transpose", [update], {"perm": list(spec.update_perm)}, dtype=update.dtype)
     rw.op("TensorScatter", [spec.past, update, indices], {"axis": -2, "mode": "linear"},
           outputs=[spec.output])
+
+
+def shared_write_indices(spec: KVCacheWriteSpec, rw: Rewrite) -> Tensor:
+    """The write indices of `spec`, built once per positions tensor and batch."""
+    batch = rw.graph.shape(spec.past)
+    batch = batch[0] if batch is not None and batch[0] is not None else id(spec.past)
+    return rw.shared(("kv_write_indices", id(spec.positions), batch), lambda: _write_indices(spec, rw))
 
 
 def _write_indices(spec: KVCacheWriteSpec, rw: Rewrite) -> Tensor:

@@ -205,8 +205,8 @@ def _emit_gqa(spec: AttentionSpec, cache: CacheGrowth | None, rw: Rewrite) -> No
     inputs.update(_lengths(spec, inputs[3], rw))
     if klass.padding:
         inputs[10] = _padding_bias(spec, rw)
-    if spec.sinks is not None:
-        inputs[11] = spec.sinks
+    if spec.sinks is not None:  # one logit per query head, however the export shaped it
+        inputs[11] = rw.op("Reshape", [spec.sinks, rw.const("ort_flat", np.array([-1], np.int64))])
     attrs = {"num_heads": spec.q_heads, "kv_num_heads": spec.kv_heads, "scale": float(spec.scale)}
     if spec.softcap:
         attrs["softcap"] = float(spec.softcap)
@@ -230,7 +230,7 @@ def _emit_mha(spec: AttentionSpec, rw: Rewrite) -> None:
     elif mask.upper_left_causal and _same_dim(rw.graph.shape(spec.query), rw.graph.shape(spec.value), 2):
         attrs["unidirectional"] = 1
     elif mask.bias is None and mask.klass is not None and mask.klass.kind == "padding" \
-            and mask.klass.padding_input is not None:
+            and mask.klass.padding_input is not None and _spans_keys(spec, mask.klass.padding_input, rw):
         padding = _graph_input(rw, mask.klass.padding_input)
         inputs[4] = rw.shared(("ort_key_padding", padding.name),
                               lambda: rw.op("Cast", [padding], {"to": onnx.TensorProto.INT32}))
@@ -238,6 +238,16 @@ def _emit_mha(spec: AttentionSpec, rw: Rewrite) -> None:
         inputs[5] = additive_mask(spec, rw)
     output = rw.op(MHA, _positional(inputs, 6), attrs, domain=CONTRIB)
     _from_bsd(spec, output, rw)
+
+
+def _spans_keys(spec: AttentionSpec, padding_input: str, rw: Rewrite) -> bool:
+    """Self-attention whose padding input [B, T] has the keys' length: then a key_padding_mask
+    (otherwise the mask goes as attention_bias, which broadcasts it as the original did; the
+    CPU kernel rejected a 2-D key_padding_mask on BART's cross-attention with BNSH keys)."""
+    shape, keys = rw.graph.shape(_graph_input(rw, padding_input)), rw.graph.shape(spec.value)
+    own_tokens = _same_dim(rw.graph.shape(spec.query), keys, 2)  # cross-attention's is refused
+    return own_tokens and shape is not None and len(shape) == 2 and shape[1] is not None \
+        and shape[1] == keys[2]
 
 
 def _positional(inputs: dict[int, Tensor], count: int) -> list[Tensor]:

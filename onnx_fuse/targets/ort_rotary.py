@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..graph import Graph, Node, Tensor
 from ..rewrite import Fused, PassResult, Reject, Rewrite
 from ..specs import AttentionSpec, RotarySpec
-from .onnx import rotary_inputs
+from . import onnx as standard
 from .ort_attention import GQA
 from .ort_kernels import CONTRIB
 
@@ -29,8 +29,12 @@ ROTARY = "RotaryEmbedding"
 
 def emit_rotary(spec: RotarySpec, rw: Rewrite) -> None:
     """RotaryEmbedding on [B, N, S, H] (x before the head transpose is transposed there and
-    back) or, for a 3-D single head, on [B, S, H] as one head."""
-    cos, sin, positions = rotary_inputs(spec, rw)
+    back) or, for a 3-D single head, on [B, S, H] as one head. Forms the contrib op has no input
+    for (per-token cos/sin, channels to reorder or pass around it) get ONNX RotaryEmbedding."""
+    if spec.form != "table" or spec.deinterleave or spec.around:
+        standard.emit_rotary(spec, rw)
+        return
+    cos, sin, positions = standard.rotary_tables(spec, rw)
     # The kernel reads the head count of 4-D input from its shape; the attribute must only be
     # set (to anything) whenever rotary_embedding_dim is: tests/test_target_ort.py shows both.
     attrs = {"interleaved": int(spec.interleaved), "num_heads": 1}
@@ -83,8 +87,8 @@ def _rotation(graph: Graph, tensor: Tensor, ropes: dict) -> _Rotation | None:
     while node is not None and node.op in ("Reshape", "Transpose") and len(chain) < 3:
         chain.insert(0, node)
         node = graph.producer(node.inputs[0])
-    if node is None or node.op != ROTARY or node.name not in ropes:
-        return None
+    if node is None or node.op != ROTARY or node.domain != CONTRIB or node.name not in ropes:
+        return None  # no contrib RoPE feeds it (ONNX RotaryEmbedding for forms it cannot take)
     rotation = _Rotation(node, ropes[node.name][1], chain)
     ops = [(n.op, list(n.attrs.get("perm", []))) for n in chain]
     if rotation.spec.layout == "bsh" or ops != [("Transpose", [0, 2, 1, 3]), ("Reshape", [])]:

@@ -24,13 +24,13 @@ from ..graph import Tensor
 from ..rewrite import Reject, Rewrite
 from ..specs import AttentionSpec
 from .base import Target
-from .onnx import finish
+from .onnx import finish, scaled
 
 
 def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     klass = spec.mask.klass
     np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
-    query = rw.op("Mul", [spec.query, rw.const("q_scale", np.array(spec.scale, np_type))])
+    query = scaled(spec.query, spec.scale, spec.dtype, rw)
     key, value = spec.key, spec.value
     if spec.key_perm is not None:
         key = rw.op("Transpose", [key], {"perm": list(spec.key_perm)})

@@ -12,8 +12,8 @@ trt_plugins' ahead-of-time compilation (which can pass only int32 scalars at run
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-NEG_INF: tl.constexpr = float("-inf")
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
