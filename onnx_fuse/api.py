@@ -57,8 +57,8 @@ def fuse(model, target: str = "onnx", check: bool = True, inputs: dict | list | 
             return give_back(_fuse_static(source, chosen, check, inputs, apply, kv_cache,
                                           max_cache_len, max_positions))
         prover = check_prover(source, inputs, tolerances, check_batch) if check else None
-        return give_back(fuse_source(source, chosen, Options(max_positions=max_positions),
-                                     prover, apply))
+        options = Options(max_positions=max_positions, check=check)
+        return give_back(fuse_source(source, chosen, options, prover, apply))
     finally:
         if collecting:
             gc.enable()
@@ -93,6 +93,6 @@ def _fuse_static(source: SourceModel, target, check: bool, inputs, apply: bool, 
     if max_cache_len is None:
         raise BadInput("--kv-cache static needs --max-cache-len N")
     layout = kv_static.plan(source, max_cache_len, check)
-    options = Options(max_positions=max_positions or max_cache_len)
+    options = Options(max_positions=max_positions or max_cache_len, check=check)
     fused = fuse_source(source, target, options, Prover(source, None) if check else None)
     return kv_static.make_static(fused.source or source, fused, target, layout, max_cache_len, check)

@@ -46,7 +46,7 @@ def fuse_source(source: SourceModel, target: Target, options: Options, prover: P
     rewritten = apply and bool(attempt.result.fused)
     output = export(attempt.graph, attempt.template, target.domains) if rewritten else source.model
     if rewritten:
-        attach_contract(report, target.contract(output))
+        attach_contract(report, target.contract(output), target.contract_name)
         if target.notes():
             report["target_notes"] = target.notes()
     changed = apply and (rewritten or bool(report["repairs"]))

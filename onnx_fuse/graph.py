@@ -27,6 +27,9 @@ class Options:
     """What the user told the pass that the graph cannot (rules read them from Graph.options)."""
 
     max_positions: int | None = None  # positions RoPE caches must cover (--max-positions)
+    # Whether the result will be checked in onnxruntime (CPU): a target refuses ops that only
+    # another execution provider implements unless the user turned the check off.
+    check: bool = True
 
 
 class Graph:

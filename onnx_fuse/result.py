@@ -59,15 +59,16 @@ def describe(report: dict, fused: list[Fused], unfused: list[Unfused]) -> None:
     for f in fused:
         counts[f.rule] = counts.get(f.rule, 0) + 1
     report["counts"] = counts
-    report["fused"] = [{"rule": f.rule, "anchor": f.anchor, **f.spec.summary(), "nodes": f.nodes,
+    report["fused"] = [{"rule": f.rule, "anchor": f.anchor, **f.spec.summary(), **f.details, "nodes": f.nodes,
                         **({"position": f.position} if f.position is not None else {})}
                        for f in fused]
     report["unfused"] = [u.to_json() for u in unfused]
 
 
-def attach_contract(report: dict, entries: list[dict]) -> None:
-    """The target's contract check: per emitted node, and per fusion for the nodes it added."""
-    report["tensorrt"] = entries
+def attach_contract(report: dict, entries: list[dict], key: str = "tensorrt") -> None:
+    """The target's contract check under `key` (the runtime it is for): per emitted node, and
+    per fusion for the nodes it added."""
+    report[key] = entries
     problems = {e["node"]: e["problems"] for e in entries}
     for entry in report["fused"]:
-        entry["tensorrt"] = [p for node in entry["nodes"] for p in problems.get(node, [])]
+        entry[key] = [p for node in entry["nodes"] for p in problems.get(node, [])]

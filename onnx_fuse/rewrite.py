@@ -47,6 +47,9 @@ class Fused:
     spec: Any
     nodes: list[str] = field(default_factory=list)  # names of the nodes the rewrite added
     position: int | None = None  # the anchor's index in the graph's node order when matched
+    # What the target adds to the report about how it expressed the spec (Target.finish
+    # fills it: which op, and why not a better one).
+    details: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -120,11 +123,12 @@ class Rewrite:
     def op(self, op_type: str, inputs: list, attrs: dict | None = None, *, dtype=None,
            shape=None, domain: str = "", outputs: list[Tensor] | None = None) -> Tensor:
         """Add a node; returns its (first) output. `outputs` reuses existing tensors, which the
-        new node then produces in place of their old producer."""
-        if outputs is None:
-            outputs = [gs.Variable(self._fresh(f"{self.rule}/{op_type}_out"), dtype, shape)]
-        else:
-            self._takeovers.extend(outputs)
+        new node then produces in place of their old producer; a None among them is a new
+        tensor (an op whose first output is new and whose others take over existing ones)."""
+        given = [None] if outputs is None else outputs
+        self._takeovers.extend(t for t in given if t is not None)
+        outputs = [gs.Variable(self._fresh(f"{self.rule}/{op_type}_out"), dtype, shape)
+                   if t is None else t for t in given]
         self.nodes.append(PendingNode(op_type, list(inputs), outputs, dict(attrs or {}), domain))
         return outputs[0]
 
@@ -185,6 +189,8 @@ class Emitter(Protocol):
 
     def emit(self, spec, rw: Rewrite) -> None: ...
 
+    def finish(self, graph: Graph, result: "PassResult") -> None: ...
+
 
 def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = True) -> PassResult:
     """Match every rule at every anchor; emit, verify and apply the ones the target expresses."""
@@ -219,6 +225,7 @@ def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = Tr
             consumed.update(id(n) for n in found.nodes)
             result.fused.append(Fused(rule.name, label, spec, [n.name for n in created], where))
     if apply and result.fused:
+        target.finish(graph, result)
         tidy(graph.gs)
     return result
 

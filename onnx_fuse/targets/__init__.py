@@ -5,12 +5,13 @@ from __future__ import annotations
 from ..errors import BadInput
 from .base import Proof, Target
 from .onnx import OnnxTarget
+from .ort import OrtTarget
 from .primitive_trt import PrimitiveTrtTarget
 from .trt11 import Trt11Target
 from .trt_plugin import TrtPluginTarget
 
 TARGETS: dict[str, Target] = {t.name: t for t in [OnnxTarget(), PrimitiveTrtTarget(), Trt11Target(),
-                                                  TrtPluginTarget()]}
+                                                  TrtPluginTarget(), OrtTarget()]}
 
 
 def get_target(name: str) -> Target:

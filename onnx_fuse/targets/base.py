@@ -51,6 +51,8 @@ class Target:
     static_cache: ClassVar[bool] = False
     # spec type -> emitter(spec, rewrite); a spec of another type is left as primitive ops.
     emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}
+    # The report key under which `contract` entries appear (the runtime they are checked for).
+    contract_name: ClassVar[str] = "tensorrt"
 
     def static_form(self):
         """How `--kv-cache static` writes and reads this target's fixed caches
@@ -87,6 +89,11 @@ class Target:
         if reason is not None:
             raise Reject(reason)
         self.emitters[type(spec)](spec, rw)
+
+    def finish(self, graph, result) -> None:
+        """Called once after every rule ran and before the graph is tidied and exported: a
+        rewrite that spans fusions of several rules (a RoPE folded into the attention op that
+        reads it). `result` is the pass's PassResult; the default does nothing."""
 
     def contract(self, model: onnx.ModelProto) -> list[dict]:
         """The static check of the written model against the runtime's contract: one entry
