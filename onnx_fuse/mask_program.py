@@ -124,8 +124,10 @@ def shape_feed_values(program: Program, values: dict[str, int]) -> dict[str, np.
 
 
 def input_dims(t: Tensor) -> list:
-    """A graph input's dims; an unknown dim becomes a symbol of its own (as in onnx_fuse.check)."""
-    return [f"?{t.name}:{axis}" if d is None else d for axis, d in enumerate(t.shape or ())]
+    """A graph input's dims; an unknown dim becomes a symbol of its own and a number written as a
+    string ('2': transformers' exporter) a size, as in onnx_fuse.check."""
+    return [f"?{t.name}:{axis}" if d is None else int(d) if isinstance(d, str) and d.strip().isdigit()
+            else d for axis, d in enumerate(t.shape or ())]
 
 
 def input_symbols(graph: Graph) -> dict[str, list[str]]:

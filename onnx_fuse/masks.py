@@ -219,10 +219,11 @@ class _Roles:
 
     batch: str | int | None = None
     seq: str | int | None = None
-    past: str | None = None
+    past: str | int | None = None  # an int: a cache of fixed length
     fixed: dict = field(default_factory=dict)  # symbol -> size (images)
     padding: Tensor | None = None
     total: list = field(default_factory=list)  # symbols meaning past + seq
+    aliases: dict = field(default_factory=dict)  # other symbols of the batch or the past
     free: list = field(default_factory=list)  # other symbols: (symbol, prefers total)
 
 
@@ -267,6 +268,7 @@ def _roles(graph: Graph, program: Program) -> _Roles:
         if len(input_dims(t)) == 2 and not _indexes_a_table(t):
             padding = t
     roles.padding = padding
+    fixed_past = None  # a cache of fixed length (Hugging Face's sliding-window cache: W - 1)
     for t in inputs:
         dims = input_dims(t)
         if len(dims) >= 2 and roles.batch is None and (_simple(dims[0]) or isinstance(dims[0], int)):
@@ -277,6 +279,8 @@ def _roles(graph: Graph, program: Program) -> _Roles:
                 roles.past = roles.past or dims[2]
             elif isinstance(dims[1], int) and _simple(dims[2]) and _simple(dims[3]):
                 roles.fixed[dims[2]] = roles.fixed[dims[3]] = _IMAGE_SIDE
+            elif all(isinstance(d, int) for d in dims[1:]):
+                fixed_past = fixed_past or dims[2]
     # The query length: dim 1 of a 2-D or 3-D input that is not the padding mask.
     for t in inputs:
         dims = input_dims(t)
@@ -285,13 +289,16 @@ def _roles(graph: Graph, program: Program) -> _Roles:
         if (_simple(dims[1]) or isinstance(dims[1], int)) and dims[1] != roles.past:
             roles.seq = dims[1]
             break
+    if padding is not None and roles.past is None and _simple(input_dims(padding)[1]):
+        roles.past = fixed_past  # its length at every size; the mask's width is past + query
     if padding is not None:
         width = input_dims(padding)[1]
         if roles.seq is None:
             roles.seq = width
         elif _simple(width) and width != roles.seq:
             roles.total.append(width)
-    known = {roles.batch, roles.seq, roles.past, *roles.fixed, *roles.total}
+    _aliases(roles, inputs)
+    known = {roles.batch, roles.seq, roles.past, *roles.fixed, *roles.total, *roles.aliases}
     # Other symbols: a mask-like width (dim 1 of a 2-D input that is not token ids) is most
     # likely past + query; any other gets a size of its own first.
     widths = {input_dims(t)[1] for t in inputs
@@ -306,6 +313,22 @@ def _roles(graph: Graph, program: Program) -> _Roles:
     return roles
 
 
+def _aliases(roles: _Roles, inputs: list) -> None:
+    """transformers' exporter names each input's dims with symbols of their own: the padding
+    mask's rows are the batch under another name, and every cache's length the past (the caches
+    of one decode step hold the same tokens)."""
+    rows = input_dims(roles.padding)[0] if roles.padding is not None else None
+    if _simple(rows) and rows != roles.batch:
+        roles.aliases[rows] = "batch"
+    if not isinstance(roles.past, str):
+        return
+    for t in inputs:
+        dims = input_dims(t)
+        if len(dims) == 4 and onnx_dtype(t) in _FLOAT_TYPES and isinstance(dims[1], int) and \
+                isinstance(dims[3], int) and _simple(dims[2]) and dims[2] != roles.past:
+            roles.aliases[dims[2]] = "past"
+
+
 def _sizes(roles: _Roles) -> list[tuple[int, int, int]]:
     """The base (batch, query, past) sizes (BASE_SIZES) as the roles allow them."""
     def pick(value, wanted):
@@ -314,7 +337,7 @@ def _sizes(roles: _Roles) -> list[tuple[int, int, int]]:
     sizes = []
     for b, s, p in BASE_SIZES:
         s = pick(roles.seq, s) if roles.seq is not None else 1  # no length to vary
-        size = (pick(roles.batch, b), s, p if roles.past is not None else 0)
+        size = (pick(roles.batch, b), s, pick(roles.past, p) if roles.past is not None else 0)
         if size not in sizes:
             sizes.append(size)
     return sizes
@@ -330,6 +353,8 @@ def _probe(roles: _Roles, program: Program, sizes) -> tuple[int, int, int] | Non
     if need <= longest:
         return None
     b = roles.batch if isinstance(roles.batch, int) else 1
+    if isinstance(roles.past, int):  # a fixed past: no length to vary
+        return None
     if roles.past is not None:
         s = roles.seq if isinstance(roles.seq, int) else 1
         size = (b, s, need)
@@ -349,10 +374,12 @@ def _assignments(roles: _Roles, size: tuple[int, int, int]):
         values[roles.batch] = b
     if isinstance(roles.seq, str):
         values[roles.seq] = s
-    if roles.past is not None:
+    if isinstance(roles.past, str):
         values[roles.past] = p
     for sym in roles.total:
         values[sym] = p + s
+    for sym, role in roles.aliases.items():
+        values[sym] = b if role == "batch" else p
     # A size of its own, so that a mix-up of two lengths shows (1 where the query is 1, so that
     # another sequence, e.g. a decoder's, is also evaluated at length 1).
     own = 1 if s == 1 else p + s + 3
