@@ -41,9 +41,13 @@ def attention_layers(fused: FuseResult, model: onnx.ModelProto, layout: Layout, 
         raise BadInput(f"not every attention core was fused into {op}: {unfused[0].anchor} stays "
                        f"unfused ({unfused[0].reason}); --kv-cache static re-masks fused attention only")
     nodes = [n for n in model.graph.node if n.op_type == op]
+    native = next((n for n in model.graph.node if n.op_type == "Attention" and op != "Attention"), None)
+    if native is not None:
+        raise BadInput(f"attention '{native.name}' is an ONNX Attention the exporter wrote, which "
+                       f"--kv-cache static for {op} does not rewrite")
+    classes = _pass_classes(fused, {n.name for n in nodes}, op)
     if not nodes:
         raise BadInput(f"no attention was fused into {op}: --kv-cache static re-masks fused attention only")
-    classes = _pass_classes(fused, {n.name for n in nodes}, op)
     written = [n for n in nodes if n.name not in classes]
     if written:
         classes.update(_exporter_classes(model, written, base_dir))

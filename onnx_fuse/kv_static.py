@@ -259,8 +259,7 @@ class _Conversion:
         for cache in layout.caches:
             for name in (cache.past, cache.present):
                 self.tensors[name].shape = [batch, cache.heads, cache_len, cache.head_size]
-        self.query = self._query_positions()
-        self._visible = self._visibility()
+        self._query = self._visible = None  # built when first needed (a tidy drops what is unused)
         self._masks: dict = {}
         self._typed_query: dict = {}
         self._old_masks = []  # what the cache-reading attention read before, then its subgraph
@@ -280,8 +279,14 @@ class _Conversion:
         """[1]: S, the new tokens of this step."""
         return self.node("Shape", [self.tensors[self.layout.ids]], {"start": 1, "end": 2}, np.int64, [1])
 
-    def _query_positions(self):
+    @property
+    def query(self):
         """[B, S]: write_position[b] + t, the slot (and position) of row b's new token t."""
+        if self._query is None:
+            self._query = self._query_positions()
+        return self._query
+
+    def _query_positions(self):
         seq = self.node("Squeeze", [self._new_tokens(), self._axis("axis0", 0)], dtype=np.int64, shape=[])
         steps = self.node("Range", [self.const("zero", np.array(0, np.int64)), seq,
                                     self.const("one", np.array(1, np.int64))], dtype=np.int64, shape=["S"])
@@ -303,6 +308,8 @@ class _Conversion:
     def mask(self, window):
         """[B, 1, S, N] boolean, with the sliding window W: slot j > query - W."""
         if window not in self._masks:
+            if self._visible is None:
+                self._visible = self._visibility()
             shown = self._visible
             if window is not None:
                 start = self.node("Sub", [self._query_col, self.const("window", np.array(window, np.int64))],

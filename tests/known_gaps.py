@@ -21,21 +21,15 @@ GAPS = {
          'qwen3-moe_prefill_eager_torchscript.onnx',
          'qwen3-moe_prefill_sdpa_transformers.onnx']),
     "test_masks.py::test_committed_models_classify_as_the_manifest_says": (
-        "the test derives expected mask classes for the original architectures only (sinks, MoE routers, cross-attention decoders, exporter-written Attention, masks sized by transformers' exporter are not modelled yet)",
+        "the test derives expected mask classes for the original architectures only (sinks, MoE routers, cross-attention decoders, exporter-written Attention, not modelled yet)",
         ['bart-dec_decode-cross_sdpa_dynamo.onnx',
          'bart-dec_decode-cross_sdpa_torchscript.onnx',
-         'gemma3_decode_sdpa_transformers.onnx',
-         'gemma3_prefill_sdpa_transformers.onnx',
          'gpt-oss_decode_eager_dynamo.onnx',
          'gpt-oss_decode_eager_torchscript.onnx',
          'gpt-oss_prefill_eager_dynamo.onnx',
          'gpt-oss_prefill_eager_torchscript.onnx',
          'gpt2-op23_decode_sdpa_dynamo.onnx',
          'llama-gqa-op23_decode_sdpa_dynamo.onnx',
-         'llama31_decode_sdpa_transformers.onnx',
-         'llama31_prefill_sdpa_transformers.onnx',
-         'mistral-swcache_decode_sdpa_dynamo.onnx',
-         'mistral-swcache_decode_sdpa_torchscript.onnx',
          'modernbert_encoder_eager_dynamo.onnx',
          'modernbert_encoder_eager_torchscript.onnx',
          'modernbert_encoder_sdpa_dynamo.onnx',
@@ -71,4 +65,11 @@ GAPS = {
          'llama-gqa-op23_decode_eager_dynamo.onnx',
          'llama-gqa-op23_decode_sdpa_dynamo.onnx',
          'optimum-llama_decode-merged_sdpa_optimum.onnx']),
+    "test_target_trt11.py::test_static_caches_need_no_mask_except_for_a_window": (
+        "target trt11's own fusion of these exports fails before --kv-cache static starts: the bfloat16 "
+        "Llama's fused model differs from the original in the one-step check (max |dlogits| 5.8e-3); "
+        "optimum's second layer mask is classified arbitrary because its mask program runs through "
+        "layer 0's TRT_Attention, which onnxruntime cannot load",
+        ['llama-gqa-bf16_decode_sdpa_dynamo.onnx',
+         'optimum-llama_decode_sdpa_optimum.onnx']),
 }
