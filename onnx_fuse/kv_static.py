@@ -331,7 +331,7 @@ class _Conversion:
                 raise BadInput(f"{self.form.attention_op} '{attention.name}' was not fused by this pass: "
                                "its mask is not proven")
             if not layer.cross:
-                self._old_masks.append(attention.inputs[3])
+                self._old_masks.extend(attention.inputs[3:4])  # none: causal by attribute
                 self.form.remask(self, attention, layer.window)
             report.append(layer.summary())
         self._old_masks = _subgraph(self._old_masks)  # before tidy cuts what dies
