@@ -80,8 +80,7 @@ def _from_passed_through(model: onnx.ModelProto, layout: Layout) -> set[str]:
 
 def _uses(model: onnx.ModelProto, valued: set[str], values: dict, constants: dict,
           cache_len: int) -> Positions:
-    found = Positions()
-    consumers = _consumers(model)
+    found, consumers, reductions = Positions(), _consumers(model), []
     for name in sorted(valued):
         rank = _rank(values.get(name))
         for user, index in consumers.get(name, []):
@@ -92,10 +91,13 @@ def _uses(model: onnx.ModelProto, valued: set[str], values: dict, constants: dic
                 if rows is not None:
                     found.tables[user.input[0]] = rows[0]
             if user.op_type in _REDUCTIONS and _reduces_batch(user, model, rank):
-                meets = _meeting_rank(user, valued, consumers, values)
-                found.uses.append(Use(user.name, index, "reduction", rank, meets))
+                reductions.append((user, index, rank))
             else:
                 found.uses.append(Use(user.name, index, "value", rank))
+    if reductions:  # what the positions compute other than through these reductions
+        cone = _descendants(list(valued), consumers, stop={user.name for user, _, _ in reductions})
+        found.uses += [Use(user.name, index, "reduction", rank, _meeting_rank(user, cone, consumers, values))
+                       for user, index, rank in reductions]
     for table, rows in found.tables.items():
         if cache_len > rows:
             raise BadInput(f"--max-cache-len {cache_len} exceeds the {rows} positions of the model's "
@@ -113,12 +115,10 @@ def _reduces_batch(node: onnx.NodeProto, model: onnx.ModelProto, rank: int | Non
     return rank is None or 0 in [a % rank for a in axes]
 
 
-def _meeting_rank(reduction: onnx.NodeProto, valued: set[str], consumers: dict,
+def _meeting_rank(reduction: onnx.NodeProto, cone: set[str], consumers: dict,
                   values: dict) -> int | None:
-    """The rank of the first tensor computed from the positions (not through `reduction`) that a
-    descendant of the reduction's result is combined with; None if there is none."""
-    through = _descendants(reduction.output, consumers)
-    cone = _descendants(list(valued), consumers, stop=reduction.name)
+    """The rank of the first tensor of `cone` (computed from the positions, not through a
+    reduction) that a descendant of the reduction's result is combined with; None if none is."""
     frontier, seen = list(reduction.output), set()
     while frontier:
         name = frontier.pop(0)
@@ -126,18 +126,19 @@ def _meeting_rank(reduction: onnx.NodeProto, valued: set[str], consumers: dict,
             if user.name in seen:
                 continue
             seen.add(user.name)
-            met = [i for i in user.input if i in cone and i not in through]
+            met = [i for i in user.input if i in cone]
             if met:
                 return _rank(values.get(met[0]))
             frontier.extend(user.output)
     return None
 
 
-def _descendants(names: list[str], consumers: dict, stop: str | None = None) -> set[str]:
+def _descendants(names: list[str], consumers: dict, stop: set[str]) -> set[str]:
+    """What `names` compute by value, not through the nodes named in `stop`."""
     found, pending = set(names), list(names)
     while pending:
         for user, _ in consumers.get(pending.pop(), []):
-            if user.name == stop or user.op_type in ("Shape", "Size"):
+            if user.name in stop or user.op_type in ("Shape", "Size"):
                 continue
             fresh = [o for o in user.output if o not in found]
             found.update(fresh)
