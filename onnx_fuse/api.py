@@ -80,7 +80,8 @@ def check_prover(source: SourceModel, inputs, tolerances: Tolerances | None = No
 
 def _fuse_static(source: SourceModel, target, check: bool, inputs, apply: bool, mode: str,
                  max_cache_len: int | None, max_positions: int | None) -> FuseResult:
-    """Fuse, then turn the caches that grow by Concat into fixed caches of max_cache_len slots."""
+    """Fuse, then turn the caches that grow into fixed caches of max_cache_len slots (caches
+    already fixed keep theirs), checked over decode steps (kv_static.py)."""
     from . import kv_static
 
     if mode != "static":

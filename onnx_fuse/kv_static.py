@@ -1,144 +1,79 @@
 """Growing KV caches → fixed-size caches (`fuse --kv-cache static --max-cache-len N`).
 
-A decode model whose caches grow (`present = Concat(past, new)` along the sequence axis) is
-rewritten to the interface TensorRT's IKVCacheUpdateLayer needs:
+A decode model whose caches grow (`present = Concat(past, new)` along the sequence axis, or a
+window Slice of it: kv_layout.py) is rewritten to the interface TensorRT's IKVCacheUpdateLayer
+needs:
 
 - per layer, K and V cache inputs [B, N_kv, N, H] of static length N, and the updated caches as
   outputs [B, N_kv, N, H], each paired with its input (metadata_props "onnx_fuse.kv_cache.pairs"
   and the report);
 - `write_position` INT64 [B]: the slot where row b's first new token goes (its valid length);
 - `attention_mask` [B, N] over the cache slots: 1 where a slot holds a valid token of the row,
-  the tokens written by this step included (Hugging Face's convention, over slots);
-- the writes are TensorScatter(past, new, write_position) (axis -2, linear); every Attention reads
-  the whole fixed cache with a boolean mask [B, 1, S, N]: slot j is visible from new token t iff
-  attention_mask[b, j] = 1 and j <= write_position[b] + t (lower-right causal within the new
-  tokens), and j > write_position[b] + t - W for a layer with a sliding window W. TensorRT's parser
-  rejects Attention's past_key/past_value/nonpad_kv_seqlen, so validity is all in the mask;
-- positions (RoPE position_ids, learned position embeddings) are write_position[b] + t.
+  the tokens written by this step included (Hugging Face's convention, over slots). A model
+  without a mask input gets none: row b's valid slots are 0 .. write_position[b] + S - 1;
+- the writes are TensorScatter(past, new, write_position) (axis -2, linear); every attention that
+  reads a cache reads the whole fixed cache with a boolean mask [B, 1, S, N]: slot j is visible
+  from new token t iff attention_mask[b, j] = 1 and j <= write_position[b] + t (lower-right causal
+  within the new tokens), and j > write_position[b] + t - W for a layer with a sliding window W.
+  TensorRT's parser rejects Attention's past_key/past_value/nonpad_kv_seqlen, so validity is all
+  in the mask. Cross-attention (K/V from an encoder's states) stays as it is;
+- positions are write_position[b] + t wherever the graph reads them (kv_positions.py); what the
+  graph derives from the past's shape otherwise (a Reshape to past + S keys) reads a past length
+  of N - S, so that past + S is the N slots attention now reads;
+- every other input passes through with its meaning (position ids, an encoder's states and mask).
+
+Sliding-window caches (Hugging Face's DynamicSlidingWindowLayer, the present keeping the last
+W - 1 tokens) become linear caches of N slots with the window in the mask, like the models whose
+caches grow and whose masks carry the window: TensorRT's cache update has only the linear mode,
+the models that mix window and full layers need one interface for both, and a ring of W slots
+would be overwritten within a step of more than one token. The cost: N slots per layer where W
+would do for generations longer than N.
+
+Caches already of fixed size (Hugging Face's StaticCache: a scatter into the past) keep their
+interface (cache_position, a mask over the slots); the pass writes them with TensorScatter and
+the multi-step check drives both models over the same fixed cache.
 
 How: the model is fused as usual first (attention cores into Attention, RoPE into
 RotaryEmbedding with max_positions N) and checked against the original (api.py composes the two
-steps; this module reads the pass's typed results). Each Attention's mask class, proven by the
-pass (masks.py), must be causal (+ sliding window W) and padding, for which a template over the
-fixed cache is emitted. Every integer tensor that evaluates to past_length + arange(S) in the
-fused model (at two sizes whose key length reaches N - 1) is a position: the ones that feed
-RotaryEmbedding or a Gather from a constant table (position embeddings) are re-pointed to
-write_position + arange(S); any other use left alive is an error.
-
-Proof (`check_static`): the original and the converted model are driven through 8 single-token
-decode steps after a non-empty past, at batch 2 with rows of different valid lengths, in two
-scenarios: "ragged" (row b holds L_b tokens in slots 0..L_b-1, written at write_position L_b + k;
-the original runs each row on its own, batch 1, with its own growing past) and "left-padded" (the
-original's own batch-2 run with a left-padded row; the converted cache mirrors its layout). Logits
-are compared at every step, and so is the valid part of every cache; the slots past the valid
-part must come back untouched.
+steps; this module reads the pass's typed results). Each cache-reading attention's mask class,
+proven by the pass (masks.py), must be causal (+ sliding window W) and padding (causal alone for
+a model without a mask input). Proof: kv_check.check_static, the multi-step check.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from .check import ModelRef, compare_output, input_specs, run_model, run_session, session_for
+from .check import ModelRef
 from .errors import BadInput, CheckFailed
 from .graph import FreshNames
+from .kv_attention import Layer, attention_layers
+from .kv_check import CHUNK, STEPS, WRITE_POSITION, check_static, needed_slots
+from .kv_layout import Layout, find_layout
+from .kv_positions import Positions, Use, find_positions
 from .opset import OpsetError, default_opset, raise_opset
 from .result import FuseResult
 from .rewrite import tidy
-from .specs import AttentionSpec
+from .specs import KVCacheWriteSpec
 
-STEPS = 8  # single-token decode steps the check drives
-WRITE_POSITION = "write_position"
-
-
-@dataclass
-class Layout:
-    """What the conversion found in the original model's interface."""
-
-    pairs: list[tuple[str, str]]  # (past input, present output) per cache
-    ids: str  # token ids input [B, S]
-    mask: str  # attention mask input [B, past + S]
-    vocab: int  # rows of the table the ids index
-    batch_dim: int | str
-    cache_dims: dict[str, tuple]  # past input -> (kv_heads, head_size)
-    dtypes: dict[str, np.dtype] = field(default_factory=dict)  # input name -> numpy dtype
+__all__ = ["Layout", "StandardForm", "check_static", "find_layout", "make_static", "plan"]
 
 
-# --------------------------------------------------------------------------- the interface
-
-
-def find_layout(model: onnx.ModelProto) -> Layout:
-    """The caches that grow by Concat and the other inputs; BadInput (one line) when the model has
-    no recognisable cache, a layout TensorScatter cannot express, or inputs this does not handle."""
-    graph = model.graph
-    initialized = {t.name for t in graph.initializer}
-    inputs = {v.name: v for v in graph.input if v.name not in initialized}
-    producer = {o: n for n in graph.node for o in n.output}
-    pairs, cache_dims = [], {}
-    for output in graph.output:
-        node = producer.get(output.name)
-        while node is not None and _passes_through(node, inputs, producer):
-            node = producer.get(node.input[0])  # a Cast to the cache's own type, an Identity
-        if node is None or node.op_type != "Concat" or len(node.input) != 2 or node.input[0] not in inputs:
-            continue
-        past = inputs[node.input[0]]
-        dims = past.type.tensor_type.shape.dim
-        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
-        if len(dims) != 4:
-            raise BadInput(f"cache '{past.name}' is {len(dims)}-D: TensorScatter takes 4-D caches "
-                           "[batch, kv_heads, sequence, head_size]")
-        if axis is None or axis % 4 != 2:
-            raise BadInput(f"'{output.name}' grows its cache along axis {axis}: TensorScatter writes "
-                           "along axis -2 of [batch, kv_heads, sequence, head_size]")
-        if not (dims[1].HasField("dim_value") and dims[3].HasField("dim_value")):
-            raise BadInput(f"cache '{past.name}' has no static kv_heads and head_size (axes 1 and 3)")
-        pairs.append((past.name, output.name))
-        cache_dims[past.name] = (dims[1].dim_value, dims[3].dim_value)
-    if not pairs:
-        raise BadInput("no recognisable KV cache: no output is Concat(past input, new keys/values) "
-                       "along the sequence axis")
-    specs = {s.name: s for s in input_specs(model)}
-    ids = [s for s in specs.values() if s.kind == "ids"]
-    masks = [s for s in specs.values() if s.kind == "mask"]
-    caches = {p for p, _ in pairs}
-    others = [n for n in specs if n not in caches and n not in {s.name for s in ids + masks}]
-    if len(ids) != 1 or len(masks) != 1 or others:
-        what = f"input '{others[0]}'" if others else f"{len(ids)} token-id and {len(masks)} mask inputs"
-        raise BadInput(f"--kv-cache static takes decode models whose inputs are the token ids, the "
-                       f"attention mask and the caches; found {what}")
-    ids_dims = specs[ids[0].name].dims
-    return Layout(pairs=pairs, ids=ids[0].name, mask=masks[0].name, vocab=int(ids[0].table_rows),
-                  batch_dim=ids_dims[0], cache_dims=cache_dims,
-                  dtypes={s.name: s.dtype for s in specs.values()})
-
-
-def _passes_through(node: onnx.NodeProto, inputs: dict, producer: dict) -> bool:
-    """Identity, or a Cast to the type its input already has (GPT-J's TorchScript export casts
-    the concatenated cache to float32 again)."""
-    if node.op_type == "Identity":
-        return True
-    if node.op_type != "Cast":
-        return False
-    source = producer.get(node.input[0])
-    past = inputs.get(source.input[0]) if source is not None and source.input else None
-    to = next((a.i for a in node.attribute if a.name == "to"), None)
-    return past is not None and to == past.type.tensor_type.elem_type
+# --------------------------------------------------------------------------- the steps
 
 
 def minimum_cache_len(check: bool) -> tuple[int, str]:
     """The smallest N this model can be converted (and, checking, verified) at."""
     if check:
-        return STEPS + 2, f"a past of 2 tokens and the {STEPS} decode steps the check drives"
+        return needed_slots(), (f"a past of 2 tokens, a {CHUNK}-token step and the {STEPS} "
+                                "single-token steps the check drives")
     return 2, "a non-empty past and one new token"
-
-
-# --------------------------------------------------------------------------- the steps
 
 
 def plan(source, cache_len: int, check: bool) -> Layout:
@@ -148,28 +83,35 @@ def plan(source, cache_len: int, check: bool) -> Layout:
     if cache_len < needed:
         raise BadInput(f"--max-cache-len {cache_len} is smaller than the model needs: at least "
                        f"{needed} slots ({why})")
+    if layout.static_len is not None and cache_len != layout.static_len:
+        raise BadInput(f"the model's caches are already fixed at {layout.static_len} slots (a static "
+                       f"cache written by scatter): --max-cache-len must be {layout.static_len}, not "
+                       f"{cache_len}")
     return layout
 
 
 def make_static(source, fused: FuseResult, target, layout: Layout, cache_len: int,
                 check: bool) -> FuseResult:
-    """The fused model with its growing caches turned into fixed caches of `cache_len` slots,
-    checked over decode steps against the source."""
+    """The fused model with its growing caches turned into fixed caches of `cache_len` slots
+    (or its already fixed caches kept), checked over decode steps against the source."""
     started = time.perf_counter()
     form = target.static_form() or StandardForm()
-    windows = attention_windows(fused, form.attention_op)
-    try:
-        model24 = raise_opset(fused.model, 24) if default_opset(fused.model) < 24 else fused.model
-    except OpsetError as exc:
-        raise BadInput(f"cannot raise the fused model to opset 24 for TensorScatter: {exc}") from None
-    static, section = convert(model24, layout, cache_len, source.base_dir, windows, form)
+    if layout.static_len is not None:
+        static, section, layout = _already_static(fused, layout, form)
+        scenarios = ("static",)
+    else:
+        model24 = _at_opset_24(fused.model)
+        layers = attention_layers(fused, model24, layout, form.attention_op, source.base_dir)
+        layout = layout.with_mask(_proven_mask(layers, layout))
+        static, section = convert(model24, layout, cache_len, source.base_dir, layers, form)
+        scenarios = tuple(s for s in form.scenarios if s != "left_padded" or layout.mask)
     report = _report(fused.report, layout, section, cache_len)
     report["tensorrt"] = target.contract(static)
     result = FuseResult(static, report, source.base_dir, True, source.path, fused.fused, fused.unfused)
     if check:
-        outcome = check_static(ModelRef(source.model, source.base_dir),
-                               ModelRef(static, source.base_dir), layout, cache_len,
-                               scenarios=form.scenarios)
+        outcome = check_static(ModelRef(source.model, source.base_dir), ModelRef(static, source.base_dir),
+                               layout, cache_len, scenarios=scenarios,
+                               steps=_steps(section.get("layers", []), cache_len))
         outcome["fused"] = fused.report.get("check")  # the single-step proof of the fusions
         report["check"] = outcome
         if not outcome["passed"]:
@@ -179,39 +121,64 @@ def make_static(source, fused: FuseResult, target, layout: Layout, cache_len: in
     return result
 
 
-def attention_windows(fused: FuseResult, op: str = "Attention") -> dict[str, int | None]:
-    """Each fused Attention node's sliding window (None: causal only), from the mask class the
-    pass proved for it; BadInput where that mask is not causal (+ a window) and padding, which
-    is all a mask over the fixed cache expresses."""
-    ops = {n.name: n.op_type for n in fused.model.graph.node}
-    leftover = [n.name for n in fused.model.graph.node if n.op_type == "Softmax"]
-    if op not in ops.values() or leftover:
-        where = f" (Softmax '{leftover[0]}' remains)" if leftover else ""
-        raise BadInput(f"not every attention core was fused into {op}" + where +
-                       ": --kv-cache static re-masks fused attention only")
-    windows = {}
-    for fusion, spec in fused.specs(AttentionSpec):
-        (name,) = [n for n in fusion.nodes if ops.get(n) == op]
-        klass = spec.mask.klass if spec.mask is not None and spec.mask.bias is None else None
-        if klass is None:
-            raise BadInput(f"Attention '{name}' has no mask to re-express over the fixed cache")
-        if klass.kind not in ("causal_padding", "sliding_window") or not klass.padding \
-                or klass.alignment != "lower_right":
-            raise BadInput(f"the mask of Attention '{name}' is {klass.kind}, not causal (+ a sliding "
-                           "window) and padding: it cannot be re-expressed over a fixed cache")
-        windows[name] = klass.window
-    return windows
+def _at_opset_24(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return raise_opset(model, 24) if default_opset(model) < 24 else model
+    except OpsetError as exc:
+        raise BadInput(f"cannot raise the fused model to opset 24 for TensorScatter: {exc}") from None
+
+
+def _proven_mask(layers: list[Layer], layout: Layout) -> str | None:
+    """The input the self-attention masks read their padding from (None: they read none)."""
+    inputs = {layer.padding_input for layer in layers if not layer.cross}
+    if len(inputs) != 1:
+        raise BadInput("the self-attention masks read their padding from different inputs: "
+                       f"{', '.join(sorted(map(str, inputs)))}")
+    (mask,) = inputs
+    if mask is not None and mask not in layout.masks:
+        raise BadInput(f"the self-attention masks read '{mask}', which is not a 0/1 mask input")
+    return mask
+
+
+def _steps(layers: list[dict], cache_len: int) -> int:
+    """STEPS, or W + 2 for the widest sliding window W, as far as the cache holds them."""
+    widest = max((layer["window"] or 0 for layer in layers), default=0)
+    return max(STEPS, min(widest + 2, cache_len - 2 - CHUNK))
+
+
+def _already_static(fused: FuseResult, layout: Layout, form) -> tuple:
+    """The fused model of a model whose caches were fixed already: every write must have become
+    the form's write op."""
+    writes = {spec.past.name: spec for _, spec in fused.specs(KVCacheWriteSpec)}
+    missing = [c.past for c in layout.caches if c.past not in writes]
+    if missing:
+        reasons = [u.reason for u in fused.unfused if u.pattern == "kv_cache"]
+        raise BadInput(f"the write into the fixed cache '{missing[0]}' was not fused into "
+                       f"{form.write_op}" + (f": {reasons[0]}" if reasons else ""))
+    positions = sorted({spec.positions.name for spec in writes.values()})
+    mask = layout.mask if len(layout.masks) == 1 else None
+    if mask is None:
+        raise BadInput("a model with fixed caches needs one 0/1 mask input over its slots")
+    section = {"mode": "static", "already_static": True, "max_cache_len": layout.static_len,
+               "pairs": {c.present: c.past for c in layout.caches}, "write_position": positions[0],
+               "attention_mask": f"{mask} [batch, {layout.static_len}]: the model's own",
+               "caches": [{"past": c.past, "present": c.present, "form": c.form,
+                           "write": f"{form.write_op} (fused by the pass)"} for c in layout.caches],
+               "layers": []}
+    return fused.model, section, layout
 
 
 def _report(fused: dict, layout: Layout, section: dict, cache_len: int) -> dict:
     report = dict(fused)
+    report["kv_cache"] = section
+    if section.get("already_static"):
+        return report
     report["counts"] = {**report["counts"], "kv_cache": len(layout.pairs)}
     report["opset"] = {**report["opset"], "to": 24}
-    report["kv_cache"] = section
     report["fused"] = list(report["fused"]) + [
-        {"rule": "kv_cache", "anchor": anchor, "form": "concat", "mode": "static", "past": past,
-         "present": present, "cache_len": cache_len, "write_index": section["write_position"]}
-        for (past, present), anchor in zip(layout.pairs, section.pop("anchors"))]
+        {"rule": "kv_cache", "anchor": anchor, "form": cache.form, "mode": "static", "past": cache.past,
+         "present": cache.present, "cache_len": cache_len, "write_index": section["write_position"]}
+        for cache, anchor in zip(layout.caches, section.pop("anchors"))]
     return report
 
 
@@ -220,12 +187,16 @@ def _report(fused: dict, layout: Layout, section: dict, cache_len: int) -> dict:
 
 class StandardForm:
     """How the fixed caches are written and read in standard ops: TensorScatter writes, every
-    Attention over the whole cache with a boolean mask over the slots (holes allowed). Targets
-    with a form of their own (Target.static_form) override it."""
+    cache-reading Attention over the whole cache with a boolean mask over the slots (holes
+    allowed). Targets with a form of their own (Target.static_form) override it.
+
+    What a form may use of the conversion (`_Conversion`): `node(op, inputs, attrs, dtype, shape)`
+    and `const(prefix, value)` to add nodes, `mask(window)` (the standard mask [B, 1, S, N]),
+    `write` (the write_position input [B]), `tensors` (the graph's tensors by name) and `layout`
+    (kv_layout.Layout: `ids`, `batch_dim`, `mask`)."""
 
     attention_op = "Attention"
     write_op = "TensorScatter"
-    rotary_op = "RotaryEmbedding"  # its input 3, the position ids, is re-pointed
     scenarios = ("ragged", "left_padded")  # what check_static drives
     valid_slots = "1 = the slot holds a valid token (this step's included)"
 
@@ -243,21 +214,30 @@ class StandardForm:
 
 
 def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
-            windows: dict[str, int | None], form: StandardForm = StandardForm()):
+            layers: list[Layer], form: StandardForm = StandardForm()):
     """The fused model (opset 24) with fixed caches; returns it and the report's section."""
-    positions, tables, position_users = _positions(model, layout, cache_len, base_dir, form.rotary_op)
+    positions = find_positions(model, layout, cache_len, base_dir)
     rewrite = _Conversion(model, layout, cache_len, form)
-    layers = rewrite.masks(windows)
+    layer_report = rewrite.masks(layers)
     anchors = rewrite.writes()
+    tidy(rewrite.g)  # what computed the old masks goes: its readers of the past need no care
+    mask_readers = rewrite.remask_readers(model, base_dir)
+    tidy(rewrite.g)
+    lengths = rewrite.reexpress_past_lengths()
     repointed = rewrite.repoint(positions)
     tidy(rewrite.g)
-    _require_gone(rewrite.g, layout, rewrite.tensors, position_users)
+    rewrite.require_gone()
     out = rewrite.export()
     section = {
         "mode": "static", "max_cache_len": cache_len, "pairs": rewrite.pairs,
         "write_position": rewrite.write.name,
-        "attention_mask": f"{layout.mask} [batch, {cache_len}]: {form.valid_slots}",
-        "layers": layers, "positions": repointed, "position_tables": tables, "anchors": anchors,
+        "attention_mask": (f"{layout.mask} [batch, {cache_len}]: {form.valid_slots}" if layout.mask
+                           else f"none: row b's valid slots are 0 .. {rewrite.write.name}[b] + S - 1"),
+        "passed_through": sorted(layout.others),
+        "caches": [{"past": c.past, "present": c.present, "form": c.form, "write": form.write_op,
+                    **({"window_kept": c.keep} if c.keep else {})} for c in layout.caches],
+        "layers": layer_report, "positions": repointed, "position_tables": positions.tables,
+        "past_lengths": lengths, "mask_readers": mask_readers, "anchors": anchors,
     }
     return out, section
 
@@ -274,14 +254,15 @@ class _Conversion:
         batch = layout.batch_dim
         self.write = gs.Variable(self.names(WRITE_POSITION), np.int64, [batch])
         self.g.inputs.append(self.write)
-        self.tensors[layout.mask].shape = [batch, cache_len]
-        for past, present in layout.pairs:
-            heads, head = layout.cache_dims[past]
-            self.tensors[past].shape = [batch, heads, cache_len, head]
-            self.tensors[present].shape = [batch, heads, cache_len, head]
-        self.query = self._query_positions()
-        self._visible = self._visibility()
+        if layout.mask:
+            self.tensors[layout.mask].shape = [batch, cache_len]
+        for cache in layout.caches:
+            for name in (cache.past, cache.present):
+                self.tensors[name].shape = [batch, cache.heads, cache_len, cache.head_size]
+        self._query = self._visible = None  # built when first needed (a tidy drops what is unused)
         self._masks: dict = {}
+        self._typed_query: dict = {}
+        self._old_masks = []  # what the cache-reading attention read before, then its subgraph
 
     def node(self, op, inputs, attrs=None, dtype=None, shape=None):
         out = gs.Variable(self.names(f"kv_static/{op}_out"), dtype, shape)
@@ -294,10 +275,19 @@ class _Conversion:
     def _axis(self, name: str, axis: int):
         return self.const(name, np.array([axis], np.int64))
 
-    def _query_positions(self):
+    def _new_tokens(self):
+        """[1]: S, the new tokens of this step."""
+        return self.node("Shape", [self.tensors[self.layout.ids]], {"start": 1, "end": 2}, np.int64, [1])
+
+    @property
+    def query(self):
         """[B, S]: write_position[b] + t, the slot (and position) of row b's new token t."""
-        seq = self.node("Shape", [self.tensors[self.layout.ids]], {"start": 1, "end": 2}, np.int64, [1])
-        seq = self.node("Squeeze", [seq, self._axis("axis0", 0)], dtype=np.int64, shape=[])
+        if self._query is None:
+            self._query = self._query_positions()
+        return self._query
+
+    def _query_positions(self):
+        seq = self.node("Squeeze", [self._new_tokens(), self._axis("axis0", 0)], dtype=np.int64, shape=[])
         steps = self.node("Range", [self.const("zero", np.array(0, np.int64)), seq,
                                     self.const("one", np.array(1, np.int64))], dtype=np.int64, shape=["S"])
         rows = self.node("Unsqueeze", [self.write, self._axis("axis1", 1)], dtype=np.int64)
@@ -305,10 +295,12 @@ class _Conversion:
         return self.node("Add", [rows, cols], dtype=np.int64, shape=[self.layout.batch_dim, None])
 
     def _visibility(self):
-        """[B, S, N]: a valid slot, at or before the query's own slot."""
+        """[B, S, N]: at or before the query's own slot, and a valid slot where a mask says so."""
         self._slots = self.const("slots", np.arange(self.cache_len, dtype=np.int64).reshape(1, 1, -1))
         self._query_col = self.node("Unsqueeze", [self.query, self._axis("axis2", 2)], dtype=np.int64)
         causal = self.node("LessOrEqual", [self._slots, self._query_col], dtype=np.bool_)
+        if not self.layout.mask:
+            return causal
         flags = self.node("Cast", [self.tensors[self.layout.mask]], {"to": TensorProto.BOOL}, np.bool_)
         valid = self.node("Unsqueeze", [flags, self._axis("axis1", 1)], dtype=np.bool_)
         return self.node("And", [causal, valid], dtype=np.bool_)
@@ -316,6 +308,8 @@ class _Conversion:
     def mask(self, window):
         """[B, 1, S, N] boolean, with the sliding window W: slot j > query - W."""
         if window not in self._masks:
+            if self._visible is None:
+                self._visible = self._visibility()
             shown = self._visible
             if window is not None:
                 start = self.node("Sub", [self._query_col, self.const("window", np.array(window, np.int64))],
@@ -326,25 +320,52 @@ class _Conversion:
                                             shape=[self.layout.batch_dim, 1, None, self.cache_len])
         return self._masks[window]
 
-    def masks(self, windows: dict[str, int | None]) -> list[dict]:
-        """Every Attention reads the whole fixed cache through the mask of its window."""
-        layers = []
+    def masks(self, layers: list[Layer]) -> list[dict]:
+        """Every cache-reading attention reads the whole fixed cache through the mask of its
+        window; cross-attention stays as it is."""
+        by_name = {layer.attention: layer for layer in layers}
+        report = []
         for attention in (n for n in self.g.nodes if n.op == self.form.attention_op):
-            if attention.name not in windows:
-                raise BadInput(f"Attention '{attention.name}' was not fused by this pass: "
+            layer = by_name.get(attention.name)
+            if layer is None:
+                raise BadInput(f"{self.form.attention_op} '{attention.name}' was not fused by this pass: "
                                "its mask is not proven")
-            self.form.remask(self, attention, windows[attention.name])
-            layers.append({"attention": attention.name, "window": windows[attention.name]})
-        return layers
+            if not layer.cross:
+                self._old_masks.extend(attention.inputs[3:4])  # none: causal by attribute
+                self.form.remask(self, attention, layer.window)
+            report.append(layer.summary())
+        self._old_masks = _subgraph(self._old_masks)  # before tidy cuts what dies
+        return report
+
+    def remask_readers(self, model: onnx.ModelProto, base_dir: str | None) -> list[str]:
+        """What else reads the old masks (transformers' exporter zeroes the output of a query row
+        whose keys are all hidden) reads the new one of the same class, proven by evaluation
+        (masks.py); any other reader of them is an error."""
+        readers = _old_mask_readers(self.g, self._old_masks, self.tensors.get(self.layout.mask))
+        if not readers:
+            return []
+        classes = _mask_classes(model, base_dir, {tensor.name for tensor, _ in readers})
+        done = []
+        for tensor, user in readers:
+            klass = classes[tensor.name]
+            if not klass.causal or klass.alignment != "lower_right" or tensor.dtype not in (None, np.bool_):
+                raise BadInput(f"the mask '{tensor.name}' is also read by {user.op} '{user.name}' "
+                               f"({klass.kind}), which --kv-cache static cannot give the mask over "
+                               "cache slots")
+            for i, t in enumerate(user.inputs):
+                if t is tensor:
+                    user.inputs[i] = self.mask(klass.window)
+            done.append(f"{user.op} '{user.name}'")
+        return done
 
     def writes(self) -> list[str]:
         """Each Concat(past, new) becomes the form's write of new into past at write_position
-        (TensorScatter) writing the present output itself (no-op Casts after it dropped), as
-        TensorRT's in-place update wants."""
+        (TensorScatter) writing the present output itself (no-op Casts and a window's Slice
+        after it dropped), as TensorRT's in-place update wants."""
         anchors = []
         for past, present in self.layout.pairs:
             concat, chain = self.tensors[present].inputs[0], []
-            while concat.op != "Concat":  # no-op Casts / Identity (find_layout checked them)
+            while concat.op != "Concat":  # no-op Casts, Identity, a window's Slice (kv_layout)
                 chain.append(concat)
                 concat = concat.inputs[0].inputs[0]
             anchors.append(f"Concat '{concat.name}'")
@@ -367,19 +388,107 @@ class _Conversion:
                         user.inputs[i] = target
         scatter.outputs[0] = target
 
-    def repoint(self, positions: list[tuple[str, int]]) -> list[str]:
-        """The position readers read write_position + t (in the type they read)."""
+    def reexpress_past_lengths(self) -> list[str]:
+        """Shape(past) read for anything but the old mask (a Reshape to past + S keys) gets the
+        past length N - S: past + S is then the N slots attention reads."""
+        shapes = [n for n in self.g.nodes if n.op == "Shape" and n.inputs[0].name in self.pairs.values()]
+        if not shapes:
+            return []
+        seq = self._new_tokens()
+        zeros = self.const("zeros2", np.zeros(2, np.int64))
+        offset = self.node("Concat", [zeros, seq, self._axis("zero1", 0)], {"axis": 0}, np.int64, [4])
+        done, full = [], {}
+        for node in shapes:
+            past = node.inputs[0]
+            if past.name not in full:
+                whole = self.node("Shape", [past], dtype=np.int64, shape=[4])
+                full[past.name] = self.node("Sub", [whole, offset], dtype=np.int64, shape=[4])
+            start, end = node.attrs.get("start", 0), node.attrs.get("end", np.iinfo(np.int64).max)
+            node.op, node.attrs = "Slice", {}
+            node.inputs.clear()
+            node.inputs.extend([full[past.name], self._axis("start", start), self._axis("end", end)])
+            done.append(f"Shape '{node.name}' of '{past.name}'")
+        return done
+
+    def repoint(self, positions: Positions) -> list[str]:
+        """Each live position reader reads write_position + t (in the type it reads)."""
+        nodes = {n.name: n for n in self.g.nodes}
         repointed = []
-        for node_name, index in positions:
-            user = next(n for n in self.g.nodes if n.name == node_name)
-            wanted = user.inputs[index].dtype
-            ids = self.query
-            if wanted is not None and np.dtype(wanted) != np.int64:
-                ids = self.node("Cast", [self.query], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(wanted))},
-                                dtype=wanted)
-            user.inputs[index] = ids
-            repointed.append(f"{user.op} '{user.name}'")
+        for use in positions.uses:
+            user = nodes.get(use.node)
+            if user is None:
+                continue  # it computed the old mask: gone
+            if use.kind == "reduction":
+                self._per_row(user, use)
+            elif use.rank == 1 and user.op not in ("Gather", "RotaryEmbedding"):
+                self._batch_in_front(user, use)
+            else:
+                user.inputs[use.index] = self._query_as(user.inputs[use.index].dtype)
+            repointed.append(f"{user.op} '{user.name}'" + (" (per row)" if use.kind == "reduction" else ""))
         return repointed
+
+    def _batch_in_front(self, user: gs.Node, use: Use) -> None:
+        """Positions [S] that an Unsqueeze gives a leading axis of 1 (the batch broadcast) get the
+        per-row positions [B, S] there instead: the same axes but that one."""
+        axes = _constant_ints(user.inputs[1]) if user.op == "Unsqueeze" and len(user.inputs) > 1 else None
+        rank = 1 + len(axes or [])
+        if use.index != 0 or axes is None or 0 not in [a % rank for a in axes]:
+            raise BadInput(f"positions without a batch axis ([S]) feed {user.op} '{user.name}', "
+                           "which --kv-cache static cannot give per-row positions")
+        user.inputs[1] = self.const("axes", np.array([a % rank for a in axes if a % rank], np.int64))
+        user.inputs[0] = self._query_as(user.inputs[0].dtype)
+
+    def _query_as(self, dtype):
+        """The query positions [B, S] in `dtype` (int64 when unknown)."""
+        dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.int64)
+        if dtype not in self._typed_query:
+            self._typed_query[dtype] = self.query if dtype == np.int64 else self.node(
+                "Cast", [self.query], {"to": helper.np_dtype_to_tensor_dtype(dtype)}, dtype=dtype)
+        return self._typed_query[dtype]
+
+    def _per_row(self, reduction: gs.Node, use: Use) -> None:
+        """A reduction of the positions over the batch becomes one per row: [B, 1, ..., 1] of the
+        rank its result meets the positions in (kv_positions.py)."""
+        if use.meets_rank is None:
+            raise BadInput(f"the positions feed {reduction.op} '{reduction.name}', a reduction over "
+                           "the batch whose result never meets the positions again: --kv-cache static "
+                           "cannot take it per row")
+        positions = self._query_as(reduction.inputs[use.index].dtype)
+        per_row = self.node(reduction.op, [positions, self._axis("rows", 1)], {"keepdims": 1},
+                            dtype=positions.dtype)
+        shape = self.const("per_row_shape", np.array([-1] + [1] * (use.meets_rank - 1), np.int64))
+        shaped = self.node("Reshape", [per_row, shape], dtype=positions.dtype)
+        if any(output is reduction.outputs[0] for output in self.g.outputs):
+            raise BadInput(f"{reduction.op} '{reduction.name}' of the positions is a graph output")
+        for user in list(reduction.outputs[0].outputs):
+            for i, t in enumerate(user.inputs):
+                if t is reduction.outputs[0]:
+                    user.inputs[i] = shaped
+        self._forget_shapes(shaped)
+
+    def _forget_shapes(self, tensor) -> None:
+        """The shapes inferred downstream of `tensor` no longer hold (a scalar became [B, 1, 1]):
+        shape inference finds them again; graph outputs keep theirs."""
+        outputs, pending, seen = {id(t) for t in self.g.outputs}, [tensor], set()
+        while pending:
+            for user in pending.pop().outputs:
+                for t in user.outputs:
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        if id(t) not in outputs:
+                            t.shape = None
+                        pending.append(t)
+
+    def require_gone(self) -> None:
+        """After the rewrite nothing may still read the old meaning of the mask (its values over
+        past + S positions; its shape now says N = past + S, which is right)."""
+        if not self.layout.mask:
+            return
+        other = next((n for n in self.tensors[self.layout.mask].outputs
+                      if not n.name.startswith("kv_static/") and n.op not in ("Shape", "Size")), None)
+        if other is not None:
+            raise BadInput(f"the attention mask is also read by {other.op} '{other.name}', which "
+                           "--kv-cache static cannot give the mask over cache slots")
 
     def export(self) -> onnx.ModelProto:
         """The graph as a model with the source's metadata, the cache pairs recorded."""
@@ -392,11 +501,19 @@ class _Conversion:
         out.functions.extend(model.functions)
         present = {(f.domain, f.name) for f in model.functions}
         out.functions.extend(f for f in self.form.functions() if (f.domain, f.name) not in present)
+        self._record(out)
+        for value in out.graph.value_info:  # stale lengths (past + S) from before the conversion
+            if value.name in self.pairs or value.name in self.pairs.values():
+                value.type.tensor_type.shape.dim[2].Clear()
+                value.type.tensor_type.shape.dim[2].dim_value = self.cache_len
+        return out
+
+    def _record(self, out: onnx.ModelProto) -> None:
         meta = {"onnx_fuse.kv_cache.pairs": json.dumps(self.pairs),
                 "onnx_fuse.kv_cache.max_cache_len": str(self.cache_len),
                 "onnx_fuse.kv_cache.write_position": self.write.name,
-                "onnx_fuse.kv_cache.attention_mask": self.layout.mask}
-        kept = [p for p in model.metadata_props if p.key not in meta]
+                "onnx_fuse.kv_cache.attention_mask": self.layout.mask or ""}
+        kept = [p for p in self.model.metadata_props if p.key not in meta]
         del out.metadata_props[:]
         out.metadata_props.extend(kept)
         for key, value in meta.items():
@@ -407,255 +524,52 @@ class _Conversion:
                 n.doc_string = "onnx-fuse rule: kv_cache (--kv-cache static)"
                 entry = n.metadata_props.add()
                 entry.key, entry.value = "onnx_fuse.rule", "kv_cache"
-        for value in out.graph.value_info:  # stale lengths (past + S) from before the conversion
-            if value.name in self.pairs or value.name in self.pairs.values():
-                value.type.tensor_type.shape.dim[2].Clear()
-                value.type.tensor_type.shape.dim[2].dim_value = self.cache_len
-        return out
 
 
-def _require_gone(g: gs.Graph, layout: Layout, tensors: dict, position_users: set[str]) -> None:
-    """After the rewrite nothing may still read the old meaning of the mask (over past + S
-    positions) or of the positions (past length + arange(S))."""
-    other = next((n for n in tensors[layout.mask].outputs
-                  if not n.name.startswith("kv_static/") and not _reads_batch_only(n)), None)
-    if other is not None:
-        raise BadInput(f"the attention mask is also read by {other.op} '{other.name}', which "
-                       "--kv-cache static cannot give the mask over cache slots")
-    other = next((n for n in g.nodes if n.name in position_users), None)
-    if other is not None:
-        raise BadInput(f"the positions feed {other.op} '{other.name}', which --kv-cache static "
-                       "cannot re-point to the write positions")
+def _constant_ints(tensor) -> list[int] | None:
+    """The values of a constant integer tensor (an initializer or a Constant node's output)."""
+    if isinstance(tensor, gs.Constant):
+        return [int(v) for v in np.asarray(tensor.values).reshape(-1)]
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return [int(v) for v in np.asarray(node.attrs["value"].values).reshape(-1)]
+    return None
 
 
-def _reads_batch_only(node: gs.Node) -> bool:
-    """Shape(mask)[0:1]: the batch size, which the mask over slots still has."""
-    if node.op != "Shape":
-        return False
-    start, end = node.attrs.get("start", 0), node.attrs.get("end")
-    return start in (0, -2) and end in (1, -1)
+def _subgraph(outputs: list) -> tuple[set, set]:
+    """The ids of the tensors and of the nodes that `outputs` are computed from (by value: what
+    a Shape reads is not)."""
+    inside, tensors, pending = set(), set(), list(outputs)
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in tensors:
+            continue
+        tensors.add(id(tensor))
+        for node in tensor.inputs:
+            inside.add(id(node))
+            if node.op not in ("Shape", "Size"):
+                pending.extend(node.inputs)
+    return tensors, inside
 
 
-# --------------------------------------------------------------------------- positions
+def _old_mask_readers(g: gs.Graph, old_masks: tuple, mask_input) -> list[tuple]:
+    """(tensor, node): tensors of the old masks' subgraphs (`_subgraph`) computed from the mask
+    input's values that a live node outside those subgraphs reads."""
+    tensors, inside = old_masks
+    padded = set()
+    for node in g.nodes:  # graph order is topological (tidy)
+        if id(node) in inside and node.op not in ("Shape", "Size") and \
+                any(t is mask_input or id(t) in padded for t in node.inputs):
+            padded.update(id(t) for t in node.outputs)
+    return [(t, node) for node in g.nodes if id(node) not in inside and not node.name.startswith("kv_static/")
+            for t in node.inputs if id(t) in tensors and id(t) in padded]
 
 
-def _positions(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
-               rotary_op: str = "RotaryEmbedding"):
-    """The (node, input index) of every position use to re-point, the position tables as
-    {name: rows}, and the names of position readers it cannot re-point. Positions are the
-    integer tensors that evaluate to past + arange(S) in the fused model at two sizes whose key
-    length reaches cache_len - 1."""
-    constants = {t.name: list(t.dims) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            constants[n.output[0]] = None
-    candidates, runs = _evaluate_integers(model, layout, cache_len, base_dir, constants)
-    valued = {name for name in candidates
-              if all(_is_positions(out.get(name), seq, past) for seq, past, out in runs)}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for n in model.graph.node:
-        for i, name in enumerate(n.input):
-            consumers.setdefault(name, []).append((n, i))
-    repoint, tables, unhandled = [], {}, []
-    for name in valued:
-        for user, index in consumers.get(name, []):
-            if user.op_type == rotary_op and index == 3:
-                repoint.append((user.name, index))
-            elif user.op_type == "Gather" and index == 1 and user.input[0] in constants:
-                repoint.append((user.name, index))
-                rows = constants[user.input[0]]
-                if rows is not None:
-                    tables[user.input[0]] = rows[0]
-            elif not all(o in valued for o in user.output) and user.op_type not in ("Shape", "Size"):
-                unhandled.append(user)
-    for table, rows in tables.items():
-        if cache_len > rows:
-            raise BadInput(f"--max-cache-len {cache_len} exceeds the {rows} positions of the model's "
-                           f"position table '{table}'")
-    return sorted(set(repoint)), tables, {u.name for u in unhandled}
+def _mask_classes(model: onnx.ModelProto, base_dir: str | None, names: set[str]) -> dict:
+    from .fuse import _with_shapes  # shape inference as the pass runs it
+    from .graph import Graph
+    from .masks import classify_mask
 
-
-def _evaluate_integers(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
-                       constants: dict):
-    """The computed integer tensors of the model, and their values at the two probe sizes."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
-    integers = {TensorProto.INT64, TensorProto.INT32}
-    candidates = [name for n in model.graph.node for name in n.output
-                  if types.get(name) in integers and name not in constants]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in dict.fromkeys(candidates):
-        if name not in existing:
-            probe.graph.output.add().name = name
-    ref = ModelRef(probe, base_dir)
-    runs, rng = [], np.random.default_rng(1)
-    for seq, past in [(1, cache_len - 1), (3, max(1, cache_len - 4))]:
-        feeds, _ = _probe_inputs(layout, 2, seq, past, rng)
-        try:
-            runs.append((seq, past, run_model(ref, feeds)))
-        except Exception as exc:  # onnxruntime raises many unrelated exception types
-            error = " ".join(str(exc).split())[:200]
-            try:  # does it run with a short past? Then the cache is longer than the model allows
-                run_model(ref, _probe_inputs(layout, 2, 1, 2, rng)[0])
-            except Exception:
-                raise BadInput(f"the fused model does not run: {error}") from None
-            raise BadInput(f"--max-cache-len {cache_len} is more than the model supports: it does "
-                           f"not run with {past + seq} positions ({error})") from None
-    return candidates, runs
-
-
-def _probe_inputs(layout: Layout, batch: int, seq: int, past: int, rng):
-    """Inputs of the original interface: a left-padded second row (2 slots) when the past allows."""
-    feeds = {layout.ids: rng.integers(0, layout.vocab, (batch, seq)).astype(layout.dtypes[layout.ids])}
-    am = np.ones((batch, past + seq), dtype=np.int64)
-    am[1, :min(2, past - 1) if past > 1 else 0] = 0
-    feeds[layout.mask] = am.astype(layout.dtypes[layout.mask])
-    for name, _ in layout.pairs:
-        heads, head = layout.cache_dims[name]
-        feeds[name] = rng.standard_normal((batch, heads, past, head)).astype(layout.dtypes[name])
-    return feeds, am
-
-
-def _is_positions(value, seq: int, past: int) -> bool:
-    if value is None:
-        return False
-    value = np.asarray(value)
-    if value.ndim not in (1, 2) or value.shape[-1] != seq or not np.issubdtype(value.dtype, np.integer):
-        return False
-    return bool(np.all(value.reshape(-1, seq) == np.arange(past, past + seq)))
-
-
-# --------------------------------------------------------------------------- the proof
-
-
-def check_static(original, converted, layout: Layout, cache_len: int, *, steps: int = STEPS,
-                 seed: int = 0, scenarios: tuple[str, ...] = StandardForm.scenarios) -> dict:
-    """Drive the original (growing past) and the converted model (fixed cache) through `steps`
-    single-token decode steps after a non-empty past, batch 2, rows of different valid lengths;
-    compare the logits (every non-cache output) at every step and the valid part of every cache.
-    `scenarios`: "ragged" and/or "left_padded" (holes in the valid slots, for forms that allow
-    them). Returns the report's `check`: {passed, outputs: {name: {max_abs, max_rel, passed}},
-    message, steps, scenarios}."""
-    longest = min(4, cache_len - steps)
-    if longest < 2:
-        raise BadInput(f"--max-cache-len {cache_len} leaves no room for a past of 2 and {steps} steps")
-    lengths = [longest, max(1, longest - 2)]
-    drive = _Decode(original, converted, layout, cache_len, seed)
-    driven = {"ragged": {"valid_lengths": lengths, "first_write_positions": lengths},
-              "left_padded": {"past": longest, "padding": [0, 2]}}
-    driven = {name: driven[name] for name in scenarios}
-    try:
-        if "ragged" in driven:
-            drive.ragged(lengths, steps)
-        if "left_padded" in driven:
-            drive.left_padded(longest, steps)
-    except Exception as exc:  # a model that fails to run fails the check
-        if isinstance(exc, BadInput):
-            raise
-        drive.problems.append(f"a model failed to run: {' '.join(str(exc).split())[:300]}")
-    problems = drive.problems
-    outputs = {name: {"max_abs": float(a), "max_rel": float(r), "passed": bool(p)}
-               for name, (a, r, p) in drive.stats.items()}
-    what = [f"ragged rows of {lengths[0]} and {lengths[1]} tokens"] * ("ragged" in driven)
-    what += ["a left-padded batch"] * ("left_padded" in driven)
-    message = (f"{steps} decode steps agree (batch 2, {', and '.join(what)})" if not problems
-               else problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return {"passed": not problems, "outputs": outputs, "message": message, "steps": steps,
-            "scenarios": driven}
-
-
-class _Decode:
-    """The two models driven side by side through decode steps, differences recorded."""
-
-    def __init__(self, original, converted, layout: Layout, cache_len: int, seed: int):
-        self.ref, self.cand = session_for(original), session_for(converted)
-        self.write = _meta(converted.model, "onnx_fuse.kv_cache.write_position") or WRITE_POSITION
-        self.layout, self.cache_len = layout, cache_len
-        self.presents = {present for _, present in layout.pairs}
-        self.rng = np.random.default_rng(seed)
-        self.stats: dict[str, list] = {}
-        self.problems: list[str] = []
-
-    def record(self, name, actual, expected, where) -> None:
-        diff, problem = compare_output(actual, expected)
-        entry = self.stats.setdefault(name, [0.0, 0.0, True])
-        entry[0], entry[1] = max(entry[0], diff.max_abs), max(entry[1], diff.max_rel)
-        entry[2] = entry[2] and diff.passed
-        if problem:
-            self.problems.append(f"{where}: '{name}' differs: {problem}")
-
-    def caches(self, batch: int, length: int) -> dict:
-        layout = self.layout
-        return {name: self.rng.standard_normal((batch, *_kv(layout, name, length))).astype(layout.dtypes[name])
-                for name, _ in layout.pairs}
-
-    def ids(self):
-        return self.rng.integers(0, self.layout.vocab, (2, 1)).astype(self.layout.dtypes[self.layout.ids])
-
-    def ragged(self, lengths: list[int], steps: int) -> None:
-        """Row b holds lengths[b] tokens in the fixed cache; the original runs each row alone
-        (batch 1) with its own growing past."""
-        layout = self.layout
-        pasts = [self.caches(1, length) for length in lengths]
-        fixed = self.caches(2, self.cache_len)
-        for b, length in enumerate(lengths):
-            for name in fixed:
-                fixed[name][b, :, :length] = pasts[b][name][0]
-        for step in range(steps):
-            ids = self.ids()
-            outs = [run_session(self.ref, {layout.ids: ids[b:b + 1], **pasts[b],
-                                           layout.mask: np.ones((1, length + step + 1), layout.dtypes[layout.mask])})
-                    for b, length in enumerate(lengths)]
-            am = np.zeros((2, self.cache_len), layout.dtypes[layout.mask])
-            for b, length in enumerate(lengths):
-                am[b, :length + step + 1] = 1
-            got = run_session(self.cand, {layout.ids: ids, layout.mask: am, **fixed,
-                                          self.write: np.array([n + step for n in lengths], np.int64)})
-            for b, length in enumerate(lengths):
-                self._compare_row(got, outs[b], fixed, b, length + step + 1, f"ragged step {step + 1}, row {b}")
-                pasts[b] = {past: outs[b][present] for past, present in layout.pairs}
-            fixed = {past: got[present] for past, present in layout.pairs}
-
-    def _compare_row(self, got: dict, expected: dict, fixed: dict, b: int, valid: int, where: str) -> None:
-        for name, value in expected.items():
-            cut = got[name][b:b + 1, :, :valid] if name in self.presents else got[name][b:b + 1]
-            self.record(name, cut, value, where)
-        for past, present in self.layout.pairs:
-            if not np.array_equal(got[present][b, :, valid:], fixed[past][b, :, valid:]):
-                self.problems.append(f"{where}: '{present}' changed slots past the valid {valid}")
-
-    def left_padded(self, start: int, steps: int) -> None:
-        """The original's own batch-2 run with row 1 left-padded by 2, mirrored slot for slot."""
-        layout = self.layout
-        past = self.caches(2, start)
-        fixed = self.caches(2, self.cache_len)
-        for name in fixed:
-            fixed[name][:, :, :start] = past[name]
-        am_orig = np.ones((2, start), layout.dtypes[layout.mask])
-        am_orig[1, :2] = 0
-        for step in range(steps):
-            ids = self.ids()
-            am_orig = np.concatenate([am_orig, np.ones((2, 1), am_orig.dtype)], axis=1)
-            expected = run_session(self.ref, {layout.ids: ids, layout.mask: am_orig, **past})
-            am = np.zeros((2, self.cache_len), layout.dtypes[layout.mask])
-            am[:, :am_orig.shape[1]] = am_orig
-            position = start + step
-            got = run_session(self.cand, {layout.ids: ids, layout.mask: am, **fixed,
-                                          self.write: np.array([position, position], np.int64)})
-            for name, value in expected.items():
-                cut = got[name][:, :, :position + 1] if name in self.presents else got[name]
-                self.record(name, cut, value, f"left-padded step {step + 1}")
-            past = {p: expected[q] for p, q in layout.pairs}
-            fixed = {p: got[q] for p, q in layout.pairs}
-
-
-def _kv(layout: Layout, name: str, length: int) -> tuple:
-    heads, head = layout.cache_dims[name]
-    return heads, length, head
-
-
-def _meta(model: onnx.ModelProto, key: str) -> str | None:
-    return next((p.value for p in model.metadata_props if p.key == key), None)
+    graph = Graph(_with_shapes(model), base_dir)
+    tensors = graph.gs.tensors()
+    return {name: classify_mask(graph, tensors[name], model=model) for name in names}

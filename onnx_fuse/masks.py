@@ -351,6 +351,8 @@ def _probe(roles: _Roles, program: Program, sizes) -> tuple[int, int, int] | Non
     if need <= longest:
         return None
     b = roles.batch if isinstance(roles.batch, int) else 1
+    if isinstance(roles.past, int):  # a fixed past: no length to vary
+        return None
     if roles.past is not None:
         s = roles.seq if isinstance(roles.seq, int) else 1
         size = (b, s, need)

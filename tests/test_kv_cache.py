@@ -212,27 +212,43 @@ def test_committed_static_cache_models(name):
 
 from onnx_fuse import cli  # noqa: E402
 from onnx_fuse.check import ModelRef as _Ref  # noqa: E402
+from onnx_fuse.errors import BadInput  # noqa: E402
 from onnx_fuse.kv_static import check_static, find_layout  # noqa: E402
 
 GROWING = sorted(n for n in MANIFEST if MANIFEST[n]["kind"] == "decode")
 MAX_CACHE_LEN = 24
 
 
+def cache_outputs(model):
+    """The original's present caches: its 4-D outputs."""
+    return sorted(o.name for o in model.graph.output if len(o.type.tensor_type.shape.dim) == 4)
+
+
 @pytest.mark.parametrize("name", GROWING)
 def test_growing_caches_become_static(name):
     truth = MANIFEST[name]
     original = onnx.load(os.path.join(MODELS, name))
+    if truth.get("attention_sinks"):  # ONNX Attention cannot express them: the cores stay unfused
+        with pytest.raises(BadInput, match="attention sinks"):
+            onnx_fuse.fuse(os.path.join(MODELS, name), kv_cache="static", max_cache_len=MAX_CACHE_LEN)
+        return
     result = onnx_fuse.fuse(os.path.join(MODELS, name), kv_cache="static", max_cache_len=MAX_CACHE_LEN)
     report, model = result.report, result.model
     check = report["check"]
     assert check["passed"], check["message"]
-    assert check["steps"] >= 8 and check["fused"]["passed"]
+    window = truth.get("sliding_window") if truth.get("sliding_window_layers") else None
+    assert check["steps"] - 1 >= max(8, (window or 0) + 2) and check["chunk"] > 1
+    # the pass fused what the exporter did not write as Attention itself, and checked it
+    by_the_pass = truth["attention_cores"] - truth.get("native_attention_ops", 0)
+    assert report["counts"].get("attention", 0) == by_the_pass
+    if by_the_pass:
+        assert check["fused"]["passed"]
     assert set(check["outputs"]) == set(truth["outputs"])
     assert report["counts"]["kv_cache"] == truth["kv_cache_writes"]
-    assert report["counts"]["attention"] == truth["attention_cores"]
     kinds = ops(model)
     assert kinds.count("TensorScatter") == truth["kv_cache_writes"]
-    assert kinds.count("Attention") == truth["attention_cores"] and "Softmax" not in kinds
+    assert kinds.count("Attention") == truth["attention_cores"]
+    assert kinds.count("Softmax") == (truth.get("moe") or {}).get("router_softmax", 0)  # routers only
     # the interface: the same inputs plus write_position [B]; caches and the mask over N slots
     inputs, outputs = interface(model)
     before_inputs, before_outputs = interface(original)
@@ -243,12 +259,14 @@ def test_growing_caches_become_static(name):
     assert shapes["attention_mask"] == [shapes["input_ids"][0], MAX_CACHE_LEN]
     pairs = json.loads({p.key: p.value for p in model.metadata_props}["onnx_fuse.kv_cache.pairs"])
     assert pairs == report["kv_cache"]["pairs"]
-    assert sorted(pairs) == sorted(o for o in truth["outputs"] if o != "logits")
+    assert sorted(pairs) == cache_outputs(original)
     for present, past in pairs.items():
         assert shapes[past] == shapes[present] and shapes[past][2] == MAX_CACHE_LEN
     scatters = {n.output[0]: n for n in model.graph.node if n.op_type == "TensorScatter"}
     assert {p: scatters[p].input[0] for p in pairs} == pairs  # each written in place of its input
     assert {n.input[2] for n in scatters.values()} == {"write_position"}
+    forms = {c["form"] for c in report["kv_cache"]["caches"]}
+    assert forms == ({"window"} if truth.get("cache") == "sliding_window" else {"concat"})
     for node in (n for n in model.graph.node if n.op_type == "Attention"):
         assert len(node.input) == 4  # no past_key / past_value / nonpad_kv_seqlen
     windows = [layer["window"] for layer in report["kv_cache"]["layers"]]

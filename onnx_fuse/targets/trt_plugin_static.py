@@ -28,7 +28,6 @@ class TrtPluginStaticForm(Trt11StaticForm):
 
     attention_op = plugin_ops.ATTENTION.name
     write_op = plugin_ops.KV_WRITE.name
-    rotary_op = plugin_ops.ROPE.name
     scenarios = StandardForm.scenarios  # holes in the valid slots are the key mask's
     valid_slots = StandardForm.valid_slots
 
