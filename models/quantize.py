@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,9 @@ def cache_inputs(path: str) -> dict[str, tuple[int, int]]:
 
 
 def quantize(source: str, kind: str, mode: str, extra: tuple, suffix: str, work: str) -> str:
-    path = os.path.join(HERE, source)
+    # ModelOpt writes inferred shapes back into the file it is given: give it a copy.
+    path = os.path.join(work, source)
+    shutil.copyfile(os.path.join(HERE, source), path)
     rng = np.random.default_rng(1234)
     calib = os.path.join(work, f"{source}.npz")
     np.savez(calib, **calibration(kind, rng, cache_inputs(path) if kind == "decode" else None))
