@@ -51,6 +51,9 @@ class Target:
     static_cache: ClassVar[bool] = False
     # spec type -> emitter(spec, rewrite); a spec of another type is left as primitive ops.
     emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}
+    # Whether the emitters keep a quantized spec's Q/DQ pairs (its `quant`); a target that does not
+    # leaves such specs as they are, so no quantization is ever dropped silently.
+    keeps_quantization: ClassVar[bool] = False
 
     def static_form(self):
         """How `--kv-cache static` writes and reads this target's fixed caches
@@ -73,6 +76,8 @@ class Target:
         """Why this target cannot express `spec`, or None if it can."""
         if type(spec) not in self.emitters:
             return f"target {self.name} keeps this as primitive ops"
+        if getattr(spec, "quant", None) is not None and not self.keeps_quantization:
+            return f"target {self.name} does not write quantized attention (its Q/DQ pairs); left as it is"
         return None
 
     def emit(self, spec, rw: Rewrite) -> None:
