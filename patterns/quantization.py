@@ -25,7 +25,7 @@ OPERANDS = {"q": "Q", "k": "K", "v": "V", "probs": "the softmax output"}
 MISPLACED = {
     "qk_product": "on the Q·Kᵀ product before its scale",
     "scaled_scores": "on the scaled scores before the mask",
-    "masked_scores": "on the masked scores before the Softmax",
+    "masked_scores": "on the scores right before the Softmax",
 }
 
 

@@ -97,6 +97,66 @@ def test_target_onnx_refuses_a_quantized_softmax_output():
         "the quantized core is left as it is"}
 
 
+# --------------------------------------------------------------------------- the function body
+
+
+def quantized_attention_node(dtype, attrs, mask=None):
+    """One TRT_QuantizedAttention over float32 Q [2, 4, 3, 8], K/V [2, 2, 5, 8] with its body."""
+    from onnx_fuse.targets.trt11_quantized import quantized_attention_function
+
+    names = ["q", "k", "v", "m" if mask is not None else "", "s"]
+    node = helper.make_node("TRT_QuantizedAttention", names, ["y"], domain="trt",
+                            normalization_quantize_to_type=dtype, **attrs)
+    values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "v")]
+    if mask is not None:
+        values.append(helper.make_tensor_value_info("m", TensorProto.BOOL, None))
+    scale = onnx.numpy_helper.from_array(np.array(1 / 127 if dtype == TensorProto.INT8 else 1 / 448, np.float32), "s")
+    graph = helper.make_graph([node], "g", values, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("trt", 1)],
+                              functions=[quantized_attention_function(23)])
+    model.ir_version = 10
+    return model, float(onnx.numpy_helper.to_array(scale))
+
+
+def reference(q, k, v, step, dtype, scale, causal=False, mask=None):
+    """Attention-23 with the softmax output quantized: numpy, float64."""
+    import ml_dtypes
+
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1).astype(np.float64), np.repeat(v, rep, axis=1).astype(np.float64)
+    scores = scale * q.astype(np.float64) @ np.swapaxes(k, -1, -2)
+    visible = np.ones(scores.shape, bool) if mask is None else np.broadcast_to(mask, scores.shape)
+    if causal:
+        visible = visible & np.tril(np.ones(scores.shape[-2:], bool))
+    scores = np.where(visible, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    if dtype == TensorProto.INT8:
+        codes = np.clip(np.rint(probs / np.float32(step)), -128, 127)
+    else:
+        codes = (probs / np.float32(step)).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return (codes * step) @ v
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.INT8, TensorProto.FLOAT8E4M3FN])
+@pytest.mark.parametrize("case", ["plain", "causal", "mask"])
+def test_the_body_computes_quantized_attention(dtype, case):
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ([2, 4, 3, 8], [2, 2, 5, 8], [2, 2, 5, 8]))
+    mask = rng.random((2, 1, 3, 5)) > 0.3 if case == "mask" else None
+    if mask is not None:
+        mask[..., 0] = True  # no row hides every key
+    attrs = {"scale": 0.3, **({"is_causal": 1} if case == "causal" else {})}
+    model, step = quantized_attention_node(dtype, attrs, mask)
+    feeds = {"q": q, "k": k, "v": v, **({"m": mask} if mask is not None else {})}
+    got = check.run_model(ModelRef(model), feeds)["y"]
+    want = reference(q, k, v, step, dtype, 0.3, causal=case == "causal", mask=mask)
+    assert np.abs(got - want).max() < 1e-5
+    wrong = reference(q, k, v, step * 2, dtype if dtype == TensorProto.INT8 else TensorProto.INT8, 0.3,
+                      causal=case == "causal", mask=mask)  # another quantization: it must show
+    assert np.abs(got - wrong).max() > 1e-3
+
+
 # --------------------------------------------------------------------------- hand-built graphs
 
 B, N, S, H = 2, 4, 6, 8
