@@ -112,10 +112,6 @@ class QuantSpec:
 
         return onnx.helper.np_dtype_to_tensor_dtype(self.zero_point.dtype)
 
-    @property
-    def step(self) -> float:
-        return float(self.scale)
-
     def summary(self) -> dict:
         return {"dtype": _dtype_name(self.dtype), "scale": float(self.scale),
                 "zero_point": float(self.zero_point), "tensor": self.tensor}
