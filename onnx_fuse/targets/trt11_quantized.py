@@ -41,8 +41,8 @@ def refusal(spec: AttentionSpec, cp_ranks: int) -> str | None:
         return f"TRT_QuantizedAttention quantizes to one type, int8 or float8e4m3fn; the pairs use {', '.join(names)}"
     if any(float(pair.zero_point) != 0 for pair in pairs.values()):
         return "TensorRT's Q/DQ layers take only zero points of 0 (symmetric quantization)"
-    if spec.softcap:
-        return "TRT_QuantizedAttention has no softcap (c·tanh(s/c) on the scores)"
+    if spec.softcap or spec.sinks is not None:
+        return "TRT_QuantizedAttention has no softcap (c·tanh(s/c) on the scores) and no attention sinks"
     if cp_ranks > 1:
         return "TRT_QuantizedAttention has no nb_rank (multi-device attention)"
     return None
