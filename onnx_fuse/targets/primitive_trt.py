@@ -143,6 +143,8 @@ class PrimitiveTrtTarget(Target):
             if klass is None or not klass.causal or spec.mask.bias is not None:
                 reason = ("target primitive-trt rewrites causal attention only; this mask is "
                           f"{klass.kind if klass else 'absent'}")
+        if reason is None and spec.quant is not None and spec.sinks is not None:
+            reason = "target primitive-trt does not write attention sinks"
         return reason
 
     def contract(self, model: onnx.ModelProto) -> list[dict]:
