@@ -32,6 +32,7 @@ from . import runtime
 from .dim_relations import find_relations
 from .errors import first_line
 from .input_plan import branch_cases, plan_sizes
+from .exact_quantize import exactly_quantized, has_quantize, nudged
 from .widen import WidenError, has_bfloat16, widened, widened_inputs
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ def run_model(model: ModelRef, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 def session_for(model: ModelRef) -> onnxruntime.InferenceSession:
+    if has_quantize(model.model):  # Q/DQ as ONNX defines them (exact_quantize.py)
+        return runtime.session(exactly_quantized(model.model).SerializeToString(), model.base_dir)
     return runtime.session(model.model.SerializeToString(), model.base_dir, optimize=True)
 
 
@@ -178,6 +181,9 @@ class InputCase:
     inputs: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray] | None = None
     label: str = ""  # which If conditions it sets ("use_cache_branch=True"); "" when none
+    # A quantized reference: per float output, the largest jump rounding boundaries cause
+    # (quantization_noise), computed once per input set.
+    quantization_noise: dict[str, float] | None = None
 
 
 def synthesize_cases(model: ModelRef, *, batch: int = 2, seed: int = 0) -> list[InputCase]:
@@ -432,7 +438,43 @@ def check_case(reference: ModelRef, candidate: ModelRef, case: InputCase,
             outputs={name: _incomparable() for name in case.outputs},
             message=f"candidate failed to run: {first_line(e)}",
         )
-    return compare_outputs(reference.model, case.inputs, case.outputs, candidate_outputs, tolerances)
+    if not has_quantize(reference.model):
+        return compare_outputs(reference.model, case.inputs, case.outputs, candidate_outputs, tolerances)
+    result = compare_outputs(reference.model, case.inputs, case.outputs, candidate_outputs,
+                             quantization_tolerances(reference, case, tolerances))
+    for name, noise in case.quantization_noise.items():  # the report says where atol came from
+        if result.outputs[name].tolerance is not None:
+            result.outputs[name].tolerance["quantization_noise"] = noise
+    return result
+
+
+def quantization_tolerances(reference: ModelRef, case: InputCase, tolerances: Tolerances | None) -> Tolerances:
+    """A quantized model's outputs jump by whole quantization steps wherever a value a quantizer
+    rounds moves across a rounding boundary, which any reordering of float arithmetic before it
+    (a fused RoPE, a fused attention's softmax) can do. Each float output's atol becomes the
+    largest such jump the reference itself shows (`quantization_noise`) where that exceeds the
+    dtype's; the caller's tolerances win over both."""
+    from .tolerances import Tolerances
+
+    if case.quantization_noise is None:
+        case.quantization_noise = quantization_noise(reference, case)
+    given = tolerances or Tolerances()
+    widened = {name: max(noise, _TOLERANCES[case.outputs[name].dtype][0])
+               for name, noise in case.quantization_noise.items()}
+    return Tolerances({**widened, **given.atol}, dict(given.rtol))
+
+
+def quantization_noise(reference: ModelRef, case: InputCase) -> dict[str, float]:
+    """Per float output: how far the reference's output moves when every QuantizeLinear's input
+    moves by one unit in its last place, up or down (exact_quantize.nudged)."""
+    noise = {name: 0.0 for name, value in case.outputs.items() if _is_float(value.dtype)}
+    for direction in (1, -1):
+        moved = run_model(ModelRef(nudged(reference.model, direction), reference.base_dir), case.inputs)
+        for name in noise:
+            a, b = moved[name].astype(np.float64), case.outputs[name].astype(np.float64)
+            finite = np.isfinite(a) & np.isfinite(b)
+            noise[name] = max(noise[name], float(np.abs(a[finite] - b[finite]).max(initial=0.0)))
+    return noise
 
 
 def compare_outputs(model: onnx.ModelProto, inputs: dict[str, np.ndarray],

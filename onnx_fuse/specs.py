@@ -93,6 +93,49 @@ class MaskSpec:
                 and not self.klass.empty_rows)
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """One QuantizeLinear → DequantizeLinear pair (fake quantization, as NVIDIA ModelOpt writes
+    it) on one tensor: x ↦ (saturate(round(x / scale) + zero_point) - zero_point) · scale. Per
+    tensor only: a per-tensor pair is elementwise, so it commutes with the head transposes and the
+    GQA head repetition that targets move around it."""
+
+    scale: np.ndarray  # scalar, of the dequantized float type
+    zero_point: np.ndarray  # scalar, of the quantized type (int8, uint8, float8e4m3fn, ...)
+    saturate: bool  # float8: out-of-range values clamp (1, the default) rather than become NaN/inf
+    tensor: str  # the quantized tensor of the source model (the QuantizeLinear's input), for the report
+
+    @property
+    def dtype(self) -> int:
+        """The quantized onnx type."""
+        import onnx
+
+        return onnx.helper.np_dtype_to_tensor_dtype(self.zero_point.dtype)
+
+    def summary(self) -> dict:
+        return {"dtype": _dtype_name(self.dtype), "scale": float(self.scale),
+                "zero_point": float(self.zero_point), "tensor": self.tensor}
+
+
+@dataclass(frozen=True)
+class AttentionQuant:
+    """Where an attention core is quantized: the Q/DQ pair on each operand of its two products
+    (None: that operand is not quantized). Q and K are the Q·Kᵀ MatMul's inputs; `probs` is the
+    softmax output multiplied with V (TensorRT's "normalization quantize")."""
+
+    query: QuantSpec | None
+    key: QuantSpec | None
+    value: QuantSpec | None
+    probs: QuantSpec | None
+
+    def pairs(self) -> dict[str, QuantSpec]:
+        named = {"query": self.query, "key": self.key, "value": self.value, "probs": self.probs}
+        return {name: pair for name, pair in named.items() if pair is not None}
+
+    def summary(self) -> dict:
+        return {name: pair.summary() for name, pair in self.pairs().items()}
+
+
 @dataclass
 class AttentionSpec:
     """softmax(scale * Q Kᵀ (masked)) V over 4-D [batch, heads, seq, head_size] tensors."""
@@ -120,6 +163,9 @@ class AttentionSpec:
     # every row's softmax denominator and is dropped after: softmax over [scores, sink], then
     # the sink column removed. ONNX Attention cannot express it.
     sinks: Tensor | None = None
+    # The Q/DQ pairs on its operands (a quantized model); `query`, `key` and `value` above are the
+    # tensors those pairs quantize, and `scale` leaves out any factor applied inside a pair.
+    quant: AttentionQuant | None = None
 
     def summary(self) -> dict:
         return {
@@ -135,6 +181,7 @@ class AttentionSpec:
             "dtype": _dtype_name(self.dtype),
             **({"value_head_size": self.value_head_size} if self.value_head_size is not None else {}),
             **({"sinks": self.sinks.name} if self.sinks is not None else {}),
+            **({"quantization": self.quant.summary()} if self.quant is not None else {}),
         }
 
 

@@ -44,7 +44,7 @@ def verdicts(model: onnx.ModelProto, version: str = DEFAULT_VERSION) -> list[Ver
             found.append(Verdict(_name(node), node.op_type, LAYERS[node.op_type][1], findings,
                                  attention_notes(node, facts)))
     for softmax, chain, matmul in primitive_attentions(facts, model):
-        found.append(Verdict(_name(softmax), "Softmax", LAYER, primitive_findings(facts, chain, matmul)))
+        found.append(Verdict(_name(softmax), "Softmax", LAYER, primitive_findings(facts, chain, matmul, softmax)))
     return found
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
+from . import trt_qdq
 from .trt_facts import BUILD, FUSED_MHA_TYPES, KERNEL, PARSE, Facts, Finding, at_least, attributes, text, type_name
 from .trt_schema import (CAUSAL_KINDS, IO_FORMS, MULTIDEVICE_PREVIEW_FLAG, NORMALIZATION_OPS, SCHEMA_A_ONLY,
                          TRT_ATTENTION, TRT_KV_CACHE_UPDATE)
@@ -98,11 +99,27 @@ def quantized_attention(node: onnx.NodeProto, facts: Facts, version: str) -> lis
     found += _mask_findings(facts, q, mask) + _trt_attributes(attrs) + _gqa(facts, q, k)
     if attrs.get("is_causal", (0,))[0] and mask:
         found.append(Finding("mask", "is_causal and a mask cannot both be set", PARSE))
+    found += _quantized_operands(facts, q, k, v, attrs)
     scale_type = facts.elem(quantize_scale) if quantize_scale else None
     if not quantize_scale or facts.rank(quantize_scale) not in (None, 0) or scale_type not in (
             None, TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
         found.append(Finding("inputs", "normalization_quantize_scale (input 4) must be a scalar of "
                                        "fp32, fp16 or bf16", PARSE))
+    return found
+
+
+def _quantized_operands(facts: Facts, q: str, k: str, v: str, attrs: dict) -> list[Finding]:
+    """TRT_QuantizedAttention's Q, K and V each come from a Q/DQ pair of the normalization
+    quantize type (trt_qdq.py)."""
+    found, types = trt_qdq.operand_findings(facts, {"Q": q, "K": k, "V": v})
+    wanted = attrs.get("normalization_quantize_to_type", (TensorProto.FLOAT8E4M3FN,))[0]
+    if wanted not in trt_qdq.QUANTIZED_TYPES:
+        found.append(Finding("attribute", f"normalization_quantize_to_type {wanted} is neither INT8 (3) nor "
+                                          "FLOAT8E4M3FN (17)", PARSE))
+    elif types and types != {wanted}:
+        found.append(Finding(trt_qdq.RULE, f"normalization_quantize_to_type is {type_name(wanted)}; the Q/DQ "
+                                           f"pairs quantize to {', '.join(sorted(type_name(t) for t in types))}",
+                             KERNEL))
     return found
 
 
@@ -207,9 +224,10 @@ def _gqa(facts: Facts, q: str, k: str) -> list[Finding]:
 
 
 def scaled_by_constant(facts: Facts, name: str) -> bool:
-    """`name` is x·c or x/c for a constant c, behind layout ops and Casts."""
+    """`name` is x·c or x/c for a constant c, behind layout ops, Casts and a Q/DQ pair (elementwise:
+    the factor before it is on x)."""
     node = facts.producer.get(name)
-    while node is not None and node.op_type in _LAYOUT_OPS:
+    while node is not None and node.op_type in _LAYOUT_OPS | {"QuantizeLinear", "DequantizeLinear"}:
         node = facts.producer.get(node.input[0])
     if node is not None and node.op_type == "Mul":
         return any(i in facts.constants for i in node.input)

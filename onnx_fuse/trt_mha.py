@@ -7,13 +7,16 @@ Attention Fusion" and "Exploiting Sparsity in Attention Masks"):
 - the scale on Q (or K) before the first MatMul;
 - to skip masked blocks: exactly one masking op (Where, Add or Sub) that leaves visible scores
   as they are and makes hidden ones -inf, its mask built from Range positions by pointwise ops,
-  position expressions and broadcasts.
+  position expressions and broadcasts;
+- quantized (INT8/FP8, any Q/DQ pair in the core): a pair on each input of both MatMuls and none
+  on the scores (trt_qdq.py).
 """
 
 from __future__ import annotations
 
 import onnx
 
+from . import trt_qdq
 from .trt_facts import FUSED_MHA_TYPES, KERNEL, Facts, Finding, type_name
 from .trt_layers import scaled_by_constant
 
@@ -29,7 +32,8 @@ _POINTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Tanh", "Relu", "Sigmoid", "N
 _MASK_SUBGRAPH_OPS = _POINTWISE | {"Range", "Trilu", "Expand", "Reshape", "Tile", "Unsqueeze",
                                    "Squeeze", "Shape", "Cast", "Xor"}
 _MASKING_OPS = {"Where", "Add", "Sub"}
-_BETWEEN_SOFTMAX_AND_MATMUL = {"Cast", "Where", "IsNaN", "Slice"}  # Slice: a sink column dropped
+# Slice: a sink column dropped; a Q/DQ pair: the quantized softmax output
+_BETWEEN_SOFTMAX_AND_MATMUL = {"Cast", "Where", "IsNaN", "Slice", "QuantizeLinear", "DequantizeLinear"}
 
 
 def primitive_attentions(facts: Facts, model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list, onnx.NodeProto]]:
@@ -38,13 +42,14 @@ def primitive_attentions(facts: Facts, model: onnx.ModelProto) -> list[tuple[onn
     found = []
     for softmax in (n for n in facts.nodes if n.op_type == "Softmax"):
         chain, matmul = _scores_chain(facts, softmax)
-        if matmul is not None and _feeds_matmul(facts, softmax.output[0]):
+        if matmul is not None and _product_with_v(facts, softmax.output[0]) is not None:
             found.append((softmax, chain, matmul))
     return found
 
 
-def primitive_findings(facts: Facts, chain: list, matmul: onnx.NodeProto) -> list[Finding]:
-    found = []
+def primitive_findings(facts: Facts, chain: list, matmul: onnx.NodeProto,
+                       softmax: onnx.NodeProto | None = None) -> list[Finding]:
+    found = _quantization(facts, chain, matmul, softmax) if softmax is not None else []
     dtype = facts.elem(matmul.input[0])
     if dtype is not None and dtype not in FUSED_MHA_TYPES:
         found.append(Finding("dtype", f"no fused MHA kernel for {type_name(dtype)}", KERNEL))
@@ -56,6 +61,18 @@ def primitive_findings(facts: Facts, chain: list, matmul: onnx.NodeProto) -> lis
     if not (scaled_by_constant(facts, matmul.input[0]) or scaled_by_constant(facts, matmul.input[1])):
         found.append(Finding("scale", "Q is not scaled before the first MatMul", KERNEL))
     return found
+
+
+def _quantization(facts: Facts, chain: list, matmul: onnx.NodeProto, softmax: onnx.NodeProto) -> list[Finding]:
+    """Where the Q/DQ pairs of a quantized core sit (none: not quantized, nothing to say)."""
+    product = _product_with_v(facts, softmax.output[0])
+    operands = {"Q": matmul.input[0], "Kᵀ": matmul.input[1], "the softmax output": product.input[0],
+                "V": product.input[1]}
+    scores = trt_qdq.scores_findings(chain)
+    if not scores and all(trt_qdq.pair_at(facts, name) is None for name in operands.values()):
+        return []
+    found, _ = trt_qdq.operand_findings(facts, operands)
+    return scores + found
 
 
 def _masking(facts: Facts, chain: list) -> list[Finding]:
@@ -122,20 +139,20 @@ def _leads_to_matmul(facts: Facts, name: str, depth: int = 8) -> bool:
     return False
 
 
-def _feeds_matmul(facts: Facts, name: str) -> bool:
-    """The Softmax's output reaches a MatMul's first input through Casts, a NaN guard and the
-    Slice that drops a learned sink's column."""
+def _product_with_v(facts: Facts, name: str) -> onnx.NodeProto | None:
+    """The MatMul whose first input the Softmax's output reaches through Casts, a NaN guard, a
+    Q/DQ pair and the Slice that drops a learned sink's column; None if there is none."""
     frontier = [name]
-    for _ in range(4):
+    for _ in range(6):
         following = []
         for tensor in frontier:
             for user in facts.consumers.get(tensor, []):
                 if user.op_type == "MatMul" and user.input[0] == tensor:
-                    return True
+                    return user
                 if user.op_type in _BETWEEN_SOFTMAX_AND_MATMUL:
                     following.append(user.output[0])
         frontier = following
-    return False
+    return None
 
 
 def _subgraph_ops(facts: Facts, name: str) -> set[str]:

@@ -78,7 +78,28 @@ TRT_KV_CACHE_UPDATE = OpSchema(
     since="11",
 )
 
-SCHEMAS = {s.op_type: s for s in (TRT_ATTENTION, TRT_KV_CACHE_UPDATE)}
+# TRT_QuantizedAttention (onnx-tensorrt's TRT_custom_ops.md; its importer builds an IAttention with
+# setNormalizationQuantizeScale/ToType): Attention-23's inputs and attributes (Q is not scaled
+# beforehand: `scale` applies, default 1/sqrt(head size); `is_causal` is upper-left), the Q/DQ
+# pairs of Q, K and V in front of it, and the quantize of the softmax output as a scalar scale
+# (input 4) and a type (an ONNX TensorProto type: FLOAT8E4M3FN, the default, or INT8). Its importer
+# wants exactly 5 inputs (an absent mask is an empty name); the newer schema adds query_lengths
+# and kv_lengths at 5 and 6, which are not written. None: no default.
+TRT_QUANTIZED_ATTENTION = OpSchema(
+    op_type="TRT_QuantizedAttention",
+    inputs=("Q", "K", "V", "attn_mask", "normalization_quantize_scale"),
+    attributes={
+        "scale": ("FLOAT", None),
+        "is_causal": ("INT", 0),
+        "normalization_quantize_to_type": ("INT", 17),  # TensorProto.FLOAT8E4M3FN
+        "TRT_decomposable": ("INT", 0),
+        "TRT_normalization_op": ("STRING", "softmax"),
+    },
+    since="11",
+)
+NORMALIZATION_QUANTIZE_TYPES = (3, 17)  # TensorProto.INT8, TensorProto.FLOAT8E4M3FN
+
+SCHEMAS = {s.op_type: s for s in (TRT_ATTENTION, TRT_KV_CACHE_UPDATE, TRT_QUANTIZED_ATTENTION)}
 
 # TensorRT's multi-device (context-parallel) attention, nb_rank > 1: a preview feature.
 MULTIDEVICE_PREVIEW_FLAG = "PreviewFeature::kMULTIDEVICE_RUNTIME_10_16"

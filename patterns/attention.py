@@ -11,6 +11,8 @@ Who writes it which way:
 - Older code masks in place: Where(mask, scores, min) or Where(pad, min, scores).
 The scale may sit on the scores, on Q, on K before or after the transpose, or on both Q and K;
 all found factors multiply into Attention's `scale`.
+- Quantized models (NVIDIA ModelOpt) put a QuantizeLinear → DequantizeLinear pair on each operand
+  of both products (patterns/quantization.py); the pairs become the spec's `quant`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from onnx_fuse.pattern import Match, const, either, match, maybe, op, var
 from onnx_fuse.rewrite import Reject, Rule
 from onnx_fuse.masks import classify_mask_spec
 from onnx_fuse.specs import HIDDEN_AT_OR_BELOW, AttentionSpec, MaskSpec
+
+from .quantization import describe_quantization, operand, quantized
 
 
 def _uniform(value: np.ndarray) -> bool:
@@ -46,7 +50,10 @@ key_transposed = either(
     scaled(op.Transpose(var("k"), name="k_transpose"), "kt_scale"),
     scaled(var("k_t"), "kt_scale"),  # K already laid out as [B, N, H, S]
 )
-scores = scaled(op.MatMul(scaled(var("q"), "q_scale"), key_transposed, name="qk"), "score_scale")
+query = operand(scaled(var("q"), "q_scale"), var("q"), "q")
+key = operand(key_transposed, either(op.Transpose(var("k"), name="k_transpose"), var("k_t")), "k")
+qk_product = quantized(op.MatMul(query, key, name="qk"), "qk_product")
+scores = scaled(qk_product, "score_scale")
 
 
 def casts(x, name: str):
@@ -61,7 +68,7 @@ capped = either(
            const("cap_out", _uniform), commutative=True, name="softcap"),
     scores,
 )
-scores_any_dtype = casts(capped, "scores_cast")
+scores_any_dtype = quantized(casts(capped, "scores_cast"), "scaled_scores")
 # An additive bias (T5's relative positions, ALiBi) may come as its own Add before the mask.
 biased_scores = either(op.Add(scores_any_dtype, var("bias"), commutative=True, name="bias_op"),
                        scores_any_dtype)
@@ -76,12 +83,14 @@ masked_scores = either(
 sink_concat = op.Concat(masked_scores, op.Expand(var("sinks"), var("sinks_shape")), name="sink_concat")
 with_sinks = either(op.Sub(sink_concat, op.ReduceMax(sink_concat, name="row_max"), name="shift"),
                     sink_concat)
-softmax = op.Softmax(casts(either(with_sinks, masked_scores), "softmax_in_cast"), name="softmax")
+softmax = op.Softmax(quantized(casts(either(with_sinks, masked_scores), "softmax_in_cast"), "masked_scores"),
+                     name="softmax")
 # torch's SDPA export zeroes the rows a mask hides entirely: Where(IsNaN(p), 0, p).
 guarded = either(op.Where(op.IsNaN(softmax), const("nan_fill", lambda v: not np.any(v)), softmax,
                           name="nan_guard"), softmax)
 probs = either(op.Slice(maybe("Cast", guarded), name="sink_drop"), guarded)
-attention = op.MatMul(casts(probs, "softmax_out_cast"), var("v"), name="pv")
+attention = op.MatMul(quantized(casts(probs, "softmax_out_cast"), "probs"), operand(var("v"), var("v"), "v"),
+                      name="pv")
 
 SCALE_CAPTURES = ("q_scale", "k_scale", "kt_scale", "score_scale")
 
@@ -104,13 +113,13 @@ def attention_output(graph: Graph, softmax: Node) -> Tensor:
     """From a Softmax anchor forward to the MatMul with V (through Casts, a NaN guard and the
     Slice that drops a sink column)."""
     frontier = [softmax.outputs[0]]
-    for _ in range(5):
+    for _ in range(7):
         following = []
         for tensor in frontier:
             for user in graph.consumers(tensor):
                 if user.op == "MatMul" and user.inputs[0] is tensor:
                     return user.outputs[0]
-                if user.op in ("Cast", "Where", "Slice"):
+                if user.op in ("Cast", "Where", "Slice", "QuantizeLinear", "DequantizeLinear"):
                     following.append(user.outputs[0])
         frontier = following
     raise Reject("the softmax output is not multiplied with V by a MatMul")
@@ -152,8 +161,9 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
     if axis not in (-1, rank - 1):
         raise Reject(f"Softmax over axis {axis}, not the last axis")
     _require_exclusive(graph, m)
+    quant = describe_quantization(graph, m)
 
-    q, v = m["q"], _behind_upcast(graph, m["v"], onnx_dtype(m["q"]))
+    q, v = m["q"], m["v"] if quant and quant.value else _behind_upcast(graph, m["v"], onnx_dtype(m["q"]))
     if "k" in m.captures:
         perm = m["k_transpose"].attrs.get("perm") or list(reversed(range(rank)))
         key, key_perm = m["k"], tuple(perm[i] for i in _swap_last_two(rank))
@@ -212,6 +222,7 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
         empty_row_output="zero" if sinks is not None else _empty_row_output(m, mask),
         q_heads=q_heads, kv_heads=kv_heads, head_size=q_shape[3],
         value_head_size=v_shape[3] if _differ(v_shape[3], q_shape[3]) else None, sinks=sinks,
+        quant=quant,
     )
 
 

@@ -100,10 +100,20 @@ def local_function(name, domain):
                                 [helper.make_opsetid("", 24)])
 
 
-def quantized(scale_shape, version="11"):
-    """TRT_QuantizedAttention with a normalization quantize scale of `scale_shape` (a scalar: [])."""
+def quantized(scale_shape, version="11", pairs=("q", "k", "v"), pair_type=TensorProto.FLOAT8E4M3FN):
+    """TRT_QuantizedAttention with a normalization quantize scale of `scale_shape` (a scalar: []),
+    Q/DQ pairs of `pair_type` in front of the inputs named in `pairs`."""
     inputs = qkv(m=(BOOL, [2, 1, 3, 5]), s=(F16, scale_shape))
-    return node_model("TRT_QuantizedAttention", inputs, domain="trt"), version
+    model = node_model("TRT_QuantizedAttention", inputs, domain="trt")
+    zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(pair_type)), "zero")
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float16), "step"), zero])
+    node = model.graph.node[0]
+    for index, name in enumerate(node.input[:3]):
+        if name in pairs:
+            model.graph.node.insert(0, helper.make_node("DequantizeLinear", [f"{name}_q", "step", "zero"], [f"{name}_dq"]))
+            model.graph.node.insert(0, helper.make_node("QuantizeLinear", [name, "step", "zero"], [f"{name}_q"]))
+            node.input[index] = f"{name}_dq"
+    return model, version
 
 
 def project_op(op, inputs, node_inputs=None, **attrs):
@@ -158,6 +168,9 @@ VIOLATIONS = {
     "trt_attention nb_rank type": (trt_attention(nb_rank=0), "attribute", "nb_rank"),
     "quantized attention scale": (quantized([2]), "inputs", "normalization_quantize_scale"),
     "quantized attention on 10.16": (quantized([], "10.16"), "version", "since 11"),
+    "quantized attention without a K pair": (quantized([], pairs=("q", "v")), "quantization", "K has no Q/DQ pair"),
+    "quantized attention int8 pairs for fp8": (quantized([], pair_type=TensorProto.INT8), "quantization",
+                                               "normalization_quantize_to_type is float8e4m3fn"),
     "rope 3-D": (rope(x=(F16, [2, 3, 32])), "rank", "4-D"),
     "rope int32 positions": (rope(positions=(I32, [2, 3])), "indices", "INT64"),
     "rope odd rotary dim": (rope(rotary_embedding_dim=5), "attribute", "odd"),

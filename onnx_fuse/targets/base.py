@@ -53,6 +53,9 @@ class Target:
     emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}
     # The report key under which `contract` entries appear (the runtime they are checked for).
     contract_name: ClassVar[str] = "tensorrt"
+    # Whether the emitters keep a quantized spec's Q/DQ pairs (its `quant`); a target that does not
+    # leaves such specs as they are, so no quantization is ever dropped silently.
+    keeps_quantization: ClassVar[bool] = False
 
     def static_form(self):
         """How `--kv-cache static` writes and reads this target's fixed caches
@@ -75,6 +78,8 @@ class Target:
         """Why this target cannot express `spec`, or None if it can."""
         if type(spec) not in self.emitters:
             return f"target {self.name} keeps this as primitive ops"
+        if getattr(spec, "quant", None) is not None and not self.keeps_quantization:
+            return f"target {self.name} does not write quantized attention (its Q/DQ pairs); left as it is"
         return None
 
     def spec_opset(self, spec) -> int:

@@ -18,13 +18,14 @@ from ..masks import mask_identity
 from ..rewrite import Rewrite
 from ..specs import HIDDEN_AT_OR_BELOW, AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
 from .base import Target
+from .qdq import fake_quantized
 
 
 def emit_attention(spec: AttentionSpec, rw: Rewrite) -> None:
     key = spec.key
     if spec.key_perm is not None:
         key = rw.op("Transpose", [key], {"perm": list(spec.key_perm)}, dtype=key.dtype)
-    inputs = [spec.query, key, spec.value]
+    inputs = quantized_operands(spec, key, rw)
     attrs = {"scale": float(spec.scale)}
     if spec.mask is not None and spec.mask.upper_left_causal:
         attrs["is_causal"] = 1  # proven upper-left causal: the kernel needs no mask tensor
@@ -47,6 +48,15 @@ def scaled(x: Tensor, scale: float, dtype: int, rw: Rewrite) -> Tensor:
     wide = rw.op("Cast", [x], {"to": onnx.TensorProto.FLOAT}, dtype=np.float32)
     wide = rw.op("Mul", [wide, rw.const("q_scale", np.array(scale, np.float32))], dtype=np.float32)
     return rw.op("Cast", [wide], {"to": dtype})
+
+
+def quantized_operands(spec: AttentionSpec, key: Tensor, rw: Rewrite) -> list[Tensor]:
+    """Q, K (laid out [B, N, S, H]) and V, each through its Q/DQ pair where the source had one."""
+    quant = spec.quant
+    if quant is None:
+        return [spec.query, key, spec.value]
+    return [fake_quantized(t, pair, rw) for t, pair in ((spec.query, quant.query), (key, quant.key),
+                                                         (spec.value, quant.value))]
 
 
 def finish(spec: AttentionSpec, op_type: str, inputs: list, attrs: dict, rw: Rewrite, *,
@@ -282,6 +292,7 @@ class OnnxTarget(Target):
     name = "onnx"
     floor_opset = 23  # Attention, RotaryEmbedding (TensorScatter: 24, its spec's min_opset)
     static_cache = True
+    keeps_quantization = True  # Q/DQ pairs on Q, K and V stay in front of Attention
     emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary,
                 KVCacheWriteSpec: emit_kv_cache_write}
 
@@ -289,6 +300,9 @@ class OnnxTarget(Target):
         if isinstance(spec, AttentionSpec) and spec.sinks is not None:
             return ("ONNX Attention cannot express learned attention sinks (an extra logit in "
                     "every softmax row); target ort's GroupQueryAttention takes them as head_sink")
+        if isinstance(spec, AttentionSpec) and spec.quant is not None and spec.quant.probs is not None:
+            return ("ONNX Attention cannot quantize its softmax output (the Q/DQ pair before the "
+                    "product with V): the quantized core is left as it is")
         return super().refusal(spec)
 
     def contract(self, model: onnx.ModelProto) -> list[dict]:

@@ -43,7 +43,7 @@ from ..rewrite import Rewrite
 from ..specs import AttentionSpec, KVCacheWriteSpec, RotarySpec
 from ..trt_schema import (DOMAIN, DOMAIN_VERSION, MULTIDEVICE_PREVIEW_FLAG, MULTIDEVICE_REQUIREMENTS,
                           TRT_ATTENTION, TRT_KV_CACHE_UPDATE)
-from . import primitive_trt
+from . import primitive_trt, trt11_quantized
 from .base import Proof, Target
 from .onnx import attention_mask, emit_rotary, finish, scaled, shared_write_indices
 from .trt11_functions import attention_function, kv_cache_update_function
@@ -61,6 +61,9 @@ class Settings:
 
 
 def emit_attention(spec: AttentionSpec, rw: Rewrite, settings: Settings) -> None:
+    if spec.quant is not None:
+        trt11_quantized.emit(spec, rw, settings.decomposable)
+        return
     if spec.softcap:  # TRT_Attention has none: the primitive form TensorRT's MHA fusion takes
         primitive_trt.emit_attention(spec, rw)
         return
@@ -131,6 +134,7 @@ class Trt11Target(Target):
     domains = {DOMAIN: DOMAIN_VERSION}
     proof = Proof("functions")
     static_cache = True  # its own form: trt11_static.py
+    keeps_quantization = True  # TRT_QuantizedAttention (trt11_quantized.py)
 
     def __init__(self, settings: Settings = Settings()):
         self.settings = settings
@@ -153,6 +157,8 @@ class Trt11Target(Target):
         reason = super().refusal(spec)
         if reason is not None or not isinstance(spec, AttentionSpec):
             return reason
+        if spec.quant is not None:
+            return trt11_quantized.refusal(spec, self.settings.cp_ranks)
         if spec.sinks is not None:
             return "TRT_Attention cannot express learned attention sinks (an extra logit per row)"
         if spec.softcap and (self.settings.cp_ranks > 1 or _PRIMITIVE.refusal(spec) is not None):
