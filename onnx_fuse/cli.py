@@ -106,6 +106,9 @@ def _graphsurgeon_quiet():
         G_LOGGER.severity = saved
 
 
+_TARGET_HELP = "what to emit: onnx (default), primitive-trt, ort, trt-plugin or trt11"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnx-fuse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"onnx-fuse {_version()}")
@@ -114,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     fuse = commands.add_parser("fuse", help="rewrite a model with fused ops")
     fuse.add_argument("input", help="model file (.onnx)")
     fuse.add_argument("-o", "--output", required=True, help="where to write the fused model")
-    fuse.add_argument("--target", default="onnx", help="what to emit (default: onnx)")
+    fuse.add_argument("--target", default="onnx", help=_TARGET_HELP)
     fuse.add_argument("--check", dest="check", action="store_true", default=True,
                       help="prove the result equal to the input in onnxruntime (default)")
     fuse.add_argument("--no-check", dest="check", action="store_false", help="skip the check")
@@ -134,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="say what would fuse and why the rest does not")
     inspect.add_argument("input")
-    inspect.add_argument("--target", default="onnx")
+    inspect.add_argument("--target", default="onnx", help=_TARGET_HELP)
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--max-positions", type=int, metavar="N")
     inspect.add_argument("-q", "--quiet", action="store_true", help="no progress line on the terminal")

@@ -108,3 +108,10 @@ def test_a_discarded_rewrite_gives_its_names_back():
     refused.discard()
     again = Rewrite(graph, "rule")
     assert again.op("Relu", [again.const("c", np.ones(2, np.float32))]).name == first
+
+
+def test_the_command_line_help_names_every_target():
+    from onnx_fuse import cli
+    from onnx_fuse.targets import TARGETS
+
+    assert [name for name in TARGETS if name not in cli._TARGET_HELP] == []
