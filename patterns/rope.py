@@ -163,10 +163,9 @@ def _rotary_spec(graph: Graph, x: Tensor, output: Tensor, cos_t: Tensor, sin_t: 
     if rotary_dim % 2 or rotary_dim > shape[-1] or partial == (rotary_dim == shape[-1]):
         raise Reject(f"the tables have {channels} channels for a head of {shape[-1]}")
     layout = _layout(len(shape), len(shape) - tables.rank + tables.axis)
-    pairs = tables.samples if halved else [
-        (_halve(cos, interleaved, "cos"), _halve(sin, interleaved, "sin"), first) for cos, sin, first in tables.samples]
-    for cos, sin, first in pairs:
-        _require_rotation(cos, sin, max(1e-3, _TOLERANCE[dtype]), starts_at_zero=first == 0)
+    tolerance = max(1e-3, _TOLERANCE[dtype])
+    pairs = once(graph, ("rope pairs", tables.key, interleaved, halved, tolerance),
+                 lambda: _rotating_pairs(tables, interleaved, halved, tolerance))
     if dtype != onnx_dtype(cos_t) or dtype != onnx_dtype(sin_t):
         raise Reject("cos/sin are not of x's type")
     table = tables.form == "table"
@@ -179,6 +178,17 @@ def _rotary_spec(graph: Graph, x: Tensor, output: Tensor, cos_t: Tensor, sin_t: 
         cos=None if table else cos_t, sin=None if table else sin_t,
         table_rank=tables.rank, tables_halved=halved, deinterleave=deinterleave,
     )
+
+
+def _rotating_pairs(tables: _Tables, interleaved: bool, halved: bool,
+                    tolerance: float) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """The tables' samples as one angle per pair of channels, proven to rotate (once per table
+    computation: every layer multiplies by the same tables)."""
+    pairs = tables.samples if halved else [
+        (_halve(cos, interleaved, "cos"), _halve(sin, interleaved, "sin"), first) for cos, sin, first in tables.samples]
+    for cos, sin, first in pairs:
+        _require_rotation(cos, sin, tolerance, starts_at_zero=first == 0)
+    return pairs
 
 
 def _pair_source(graph: Graph, x1: Tensor, x2: Tensor) -> tuple[Tensor, str]:
