@@ -563,7 +563,13 @@ def compare_output(actual: np.ndarray, expected: np.ndarray,
         atol, rtol = tolerance or _TOLERANCES[expected.dtype]
         applied = {"atol": atol, "rtol": rtol}
         # NaN equals NaN at the same place; infinities must match exactly.
-        if not np.all(((np.isnan(a) & np.isnan(b)) | (a == b))[~finite]):
+        undefined = int((np.isnan(b) & ~np.isnan(a)).sum())
+        if undefined:
+            problem = (f"the original computes NaN at {undefined} of {b.size} values where the result "
+                       "computes numbers: the original is not defined on these inputs (float16 overflow "
+                       "at padded tokens, say); give inputs it is defined on (--inputs, or "
+                       "--check-batch 1 for no padded row)")
+        elif not np.all(((np.isnan(a) & np.isnan(b)) | (a == b))[~finite]):
             problem = "NaN/inf positions or signs differ"
         elif not np.all(abs_diff <= atol + rtol * magnitude):
             problem = f"max_abs {max_abs:.3g} (tolerance atol {atol:g}, rtol {rtol:g})"

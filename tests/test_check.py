@@ -157,6 +157,11 @@ def test_nan_and_inf_rules():
     assert not flipped.passed and "NaN/inf" in flipped.message
     one_nan = check_equivalent(model, model, {"x": x}, reference_outputs={"y": np.array([0.0, np.inf, 1.0], np.float32)})
     assert not one_nan.passed
+    # The reference NaN where the candidate has a number: the original is undefined there, and
+    # the message says so (and what to do), rather than "positions differ".
+    undefined = check_equivalent(model, model, {"x": np.array([0.0, np.inf, 1.0], np.float32)},
+                                 reference_outputs={"y": x.copy()})
+    assert not undefined.passed and "the original computes NaN at 1 of 3 values" in undefined.message
 
 
 def test_tolerance_depends_on_dtype():
