@@ -16,6 +16,7 @@ from .base import Target
 from .ort_attention import GQA, MHA, emit_attention, plan
 from .ort_kernels import CONTRIB, providers, runs_on_cpu
 from .ort_rotary import ROTARY, emit_rotary, fold_rotary
+from .ort_static import OrtStaticForm
 
 
 class OrtTarget(Target):
@@ -24,6 +25,10 @@ class OrtTarget(Target):
     domains = {CONTRIB: 1}
     contract_name = "onnxruntime"
     emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary}
+    static_cache = True  # GroupQueryAttention over shared past/present buffers (ort_static.py)
+
+    def static_form(self):
+        return OrtStaticForm()
 
     def refusal(self, spec) -> str | None:
         if isinstance(spec, AttentionSpec):

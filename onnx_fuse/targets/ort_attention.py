@@ -328,7 +328,7 @@ def _graph_input(rw: Rewrite, name: str) -> Tensor:
     return found
 
 
-def _floor(dtype: int) -> np.ndarray:
+def hidden_score(dtype: int) -> np.ndarray:
     """The additive value for a hidden key: half the lowest float, so that adding a score never
     overflows and a row whose keys are all hidden stays finite (a mean, at a padded token)."""
     np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
@@ -344,7 +344,7 @@ def _padding_bias(spec: AttentionSpec, rw: Rewrite) -> Tensor:
         np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
         valid = rw.op("Cast", [padding], {"to": onnx.TensorProto.BOOL}, dtype=np.bool_)
         bias = rw.op("Where", [valid, rw.const("ort_zero", np.zeros((), np_type)),
-                               rw.const("ort_hidden", _floor(spec.dtype))])
+                               rw.const("ort_hidden", hidden_score(spec.dtype))])
         bias = rw.op("Unsqueeze", [bias, rw.const("ort_axes12", np.array([1, 2], np.int64))])
         return _expand_to_scores(spec, bias, rw, keys=None)  # K/V are the cache GQA writes
 
@@ -353,19 +353,19 @@ def _padding_bias(spec: AttentionSpec, rw: Rewrite) -> Tensor:
 
 def additive_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     """The mask (plus the bias) as one additive tensor [B|1, N|1, Sq, Skv] in Q's type, hidden
-    entries raised to the finite floor (see _floor)."""
+    entries raised to the finite floor (see hidden_score)."""
     mask = spec.mask
 
     def build():
         np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
-        floor = rw.const("ort_hidden", _floor(spec.dtype))
+        floor = rw.const("ort_hidden", hidden_score(spec.dtype))
         if mask.kind in ("keep", "drop"):
             visible = mask.tensor if mask.kind == "keep" else rw.op("Not", [mask.tensor])
             tensor = rw.op("Where", [visible, rw.const("ort_zero", np.zeros((), np_type)), floor])
         else:
             tensor = mask.tensor if mask.bias is None else rw.op("Add", [mask.bias, mask.tensor])
             if onnx_dtype(tensor) not in (None, spec.dtype):
-                lowest = rw.const("ort_lowest", _floor(spec.dtype).astype(np.float32))
+                lowest = rw.const("ort_lowest", hidden_score(spec.dtype).astype(np.float32))
                 tensor = rw.op("Cast", [rw.op("Max", [tensor, lowest])], {"to": spec.dtype})
             tensor = rw.op("Max", [tensor, floor])
         rank = max(len(t.shape or ()) for t in (mask.tensor, mask.bias) if t is not None)
