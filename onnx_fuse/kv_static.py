@@ -60,7 +60,7 @@ from .kv_positions import Positions, Use, find_positions
 from .opset import OpsetError, default_opset, raise_opset
 from .result import FuseResult
 from .rewrite import tidy
-from .specs import KVCacheWriteSpec
+from .specs import AttentionSpec, KVCacheWriteSpec
 
 __all__ = ["Layout", "StandardForm", "check_static", "find_layout", "make_static", "plan"]
 
@@ -103,7 +103,8 @@ def make_static(source, fused: FuseResult, target, layout: Layout, cache_len: in
         model24 = _at_opset_24(fused.model)
         layers = attention_layers(fused, model24, layout, form.attention_ops, source.base_dir)
         layout = layout.with_mask(_proven_mask(layers, layout))
-        static, section = convert(model24, layout, cache_len, source.base_dir, layers, form)
+        static, section = convert(model24, layout, cache_len, source.base_dir, layers, form,
+                                  _matched_masks(source.model, fused))
         scenarios = tuple(s for s in form.scenarios if s != "left_padded" or layout.mask)
     report = _report(fused.report, layout, section, cache_len)
     report["tensorrt"] = target.contract(static)
@@ -235,11 +236,12 @@ class StandardForm:
 
 
 def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
-            layers: list[Layer], form: StandardForm = StandardForm()):
-    """The fused model (opset 24) with fixed caches; returns it and the report's section."""
+            layers: list[Layer], form: StandardForm = StandardForm(), matched_masks: frozenset = frozenset()):
+    """The fused model (opset 24) with fixed caches; returns it and the report's section.
+    `matched_masks`: the tensors the source computes the pass's matched masks from (_matched_masks)."""
     positions = find_positions(model, layout, cache_len, base_dir)
     rewrite = _Conversion(model, layout, cache_len, form)
-    layer_report = rewrite.masks(layers)
+    layer_report = rewrite.masks(layers, matched_masks)
     anchors = rewrite.writes()
     tidy(rewrite.g)  # what computed the old masks goes: its readers of the past need no care
     mask_readers = rewrite.remask_readers(model, base_dir)
@@ -343,9 +345,10 @@ class _Conversion:
                                             shape=[self.layout.batch_dim, 1, None, self.cache_len])
         return self._masks[window]
 
-    def masks(self, layers: list[Layer]) -> list[dict]:
+    def masks(self, layers: list[Layer], matched: frozenset = frozenset()) -> list[dict]:
         """Every cache-reading attention reads the whole fixed cache through the mask of its
-        window; cross-attention stays as it is."""
+        window; cross-attention stays as it is. The old masks are what the attention nodes read
+        and what of the masks the pass matched (`matched`, by name) is still computed."""
         by_name = {layer.attention: layer for layer in layers}
         report = []
         for attention in (n for n in self.g.nodes if n.op in self.form.attention_ops):
@@ -357,7 +360,9 @@ class _Conversion:
                 self._old_masks.extend(self.form.old_masks(attention))
                 self.form.remask(self, attention, layer.window)
             report.append(layer.summary())
-        self._old_masks = _subgraph(self._old_masks)  # before tidy cuts what dies
+        tensors, inside = _subgraph(self._old_masks)  # before tidy cuts what dies
+        alive = [self.tensors[name] for name in matched if name in self.tensors]
+        self._old_masks = (tensors | {id(t) for t in alive}, inside | {id(n) for t in alive for n in t.inputs})
         return report
 
     def remask_readers(self, model: onnx.ModelProto, base_dir: str | None) -> list[str]:
@@ -560,6 +565,24 @@ class _Conversion:
                 n.doc_string = "onnx-fuse rule: kv_cache (--kv-cache static)"
                 entry = n.metadata_props.add()
                 entry.key, entry.value = "onnx_fuse.rule", "kv_cache"
+
+
+def _matched_masks(source: onnx.ModelProto, fused: FuseResult) -> frozenset:
+    """The tensors the source computes the masks the pass matched from (by value). A target whose
+    attention op takes the masking in a form of its own (GroupQueryAttention's bias, built from
+    the mask input) leaves live only the part of them something else reads (transformers'
+    exporter zeroes fully hidden query rows), and that reader needs the new mask too."""
+    producer = {o: n for n in source.graph.node for o in n.output}
+    found, pending = set(), [spec.mask.tensor.name for _, spec in fused.specs(AttentionSpec) if spec.mask]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type not in ("Shape", "Size"):
+            pending.extend(i for i in node.input if i)
+    return frozenset(found)
 
 
 def _constant_ints(tensor) -> list[int] | None:

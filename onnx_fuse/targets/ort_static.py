@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from ..errors import BadInput
+from ..graph import onnx_dtype
 from ..kv_static import StandardForm
 from .ort_attention import ATTENTION, GQA, MHA, hidden_score
 
@@ -77,7 +78,7 @@ class OrtStaticForm(StandardForm):
         while len(attention.inputs) <= _ATTENTION_BIAS:
             attention.inputs.append(gs.Variable.empty())
         attention.inputs[_SEQLENS_K], attention.inputs[_TOTAL_LENGTH] = seqlens, total
-        attention.inputs[_ATTENTION_BIAS] = self._slot_bias(conversion, attention.inputs[3].dtype) \
+        attention.inputs[_ATTENTION_BIAS] = self._slot_bias(conversion, attention.inputs[3]) \
             if conversion.layout.mask else gs.Variable.empty()
         attention.attrs.pop("local_window_size", None)
         if window is not None:
@@ -104,22 +105,26 @@ class OrtStaticForm(StandardForm):
             self._lengths = seqlens, total
         return self._lengths
 
-    def _slot_bias(self, conversion, dtype) -> gs.Variable:
-        """attention_bias [B, 1, S, N] in the query's type: 0 where attention_mask[b, j] is 1,
-        hidden elsewhere (GQA takes no broadcast over S)."""
-        dtype = np.dtype(dtype)
-        if dtype not in self._biases:
+    def _slot_bias(self, conversion, like: gs.Variable) -> gs.Variable:
+        """attention_bias [B, 1, S, N] in the type of `like` (the past cache, the query's type):
+        0 where attention_mask[b, j] is 1, hidden elsewhere (GQA takes no broadcast over S).
+        Built in float32 and cast (numpy has no bfloat16 for the constants)."""
+        onnx_type = onnx_dtype(like)
+        if onnx_type not in self._biases:
             mask = conversion.tensors[conversion.layout.mask]
             valid = conversion.node("Cast", [mask], {"to": TensorProto.BOOL}, np.bool_)
-            onnx_type = helper.np_dtype_to_tensor_dtype(dtype)
-            bias = conversion.node("Where", [valid, conversion.const("zero_bias", np.zeros((), dtype)),
-                                             conversion.const("hidden", hidden_score(onnx_type))], dtype=dtype)
-            bias = conversion.node("Unsqueeze", [bias, conversion.const("axes12", np.array([1, 2]))], dtype=dtype)
+            hidden = conversion.const("hidden", hidden_score(onnx_type).astype(np.float32))
+            bias = conversion.node("Where", [valid, conversion.const("visible", np.float32(0)), hidden],
+                                   dtype=np.float32)
+            if onnx_type != TensorProto.FLOAT:
+                bias = conversion.node("Cast", [bias], {"to": onnx_type}, like.dtype)
+            bias = conversion.node("Unsqueeze", [bias, conversion.const("axes12", np.array([1, 2]))],
+                                   dtype=like.dtype)
             new = conversion.node("Shape", [conversion.query], {"start": 1, "end": 2}, np.int64, [1])
             one = conversion.const("one1", np.ones(1, np.int64))
             slots = conversion.const("slots1", np.array([conversion.cache_len], np.int64))
             shape = conversion.node("Concat", [one, one, new, slots], {"axis": 0}, np.int64, [4])
-            self._biases[dtype] = conversion.node("Expand", [bias, shape], dtype=dtype,
-                                                  shape=[conversion.layout.batch_dim, 1, None,
-                                                         conversion.cache_len])
-        return self._biases[dtype]
+            self._biases[onnx_type] = conversion.node(
+                "Expand", [bias, shape], dtype=like.dtype,
+                shape=[conversion.layout.batch_dim, 1, None, conversion.cache_len])
+        return self._biases[onnx_type]
