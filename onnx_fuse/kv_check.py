@@ -18,7 +18,9 @@ tolerance, and so is the valid part of every cache; the slots past it must come 
 
 Inputs passed through (position ids, an encoder's states and mask) are fed to both models alike:
 position ids are the new tokens' positions, the rest fixed over the steps (kv_positions.other_inputs).
-bfloat16 models run widened to float32, as the one-step check runs them.
+bfloat16 models run widened to float32, as the one-step check runs them. A converted model whose
+metadata_props say its presents share their pasts' buffers (SHARED_BUFFER: target ort's
+GroupQueryAttention) runs with each present bound to its past's buffer, as a runtime must run it.
 """
 
 from __future__ import annotations

@@ -38,6 +38,12 @@ RotaryEmbedding with max_positions N) and checked against the original (api.py c
 steps; this module reads the pass's typed results). Each cache-reading attention's mask class,
 proven by the pass (masks.py), must be causal (+ sliding window W) and padding (causal alone for
 a model without a mask input). Proof: kv_check.check_static, the multi-step check.
+
+That is the standard form; a target's own (Target.static_form, a StandardForm) writes the same
+interface with its ops: trt11's and trt-plugin's write and read with their plugins, ort's
+GroupQueryAttention takes the fixed cache as its past and present itself (a cache writer: the
+pass left no Concat to turn into a write) in one buffer the caller shares between them, which
+the written model's metadata_props say ("onnx_fuse.kv_cache.shared_buffer") and the check obeys.
 """
 
 from __future__ import annotations
