@@ -294,6 +294,7 @@ class _Conversion:
         self._masks: dict = {}
         self._typed_query: dict = {}
         self._old_masks = []  # what the cache-reading attention read before, then its subgraph
+        self.written_by: list[str] = []  # per cache, what writes it (`writes`)
 
     def node(self, op, inputs, attrs=None, dtype=None, shape=None):
         out = gs.Variable(self.names(f"kv_static/{op}_out"), dtype, shape)
@@ -398,7 +399,7 @@ class _Conversion:
         after it dropped), as TensorRT's in-place update wants. An attention op of the form's
         `cache_writers` (its remask made it write the fixed cache) writes the present itself
         the same way. `written_by` says, per cache, what writes it."""
-        anchors, self.written_by = [], []
+        anchors = []
         for past, present in self.layout.pairs:
             writer, grown, chain = self._writer(self.tensors[present])
             anchors.append(f"{writer.op} '{writer.name}'")
