@@ -1,5 +1,7 @@
 """Runtime of decoders on onnxruntime's CPU provider: the original export against onnxscript's
-`optimize_for_ort`, onnx-fuse `--target ort` and onnx-fuse `--target onnx`.
+`optimize_for_ort`, onnx-fuse `--target ort`, onnx-fuse `--target onnx` and onnx-fuse `--target ort
+--kv-cache static` (fixed caches of STATIC_SLOTS slots, each bound once to its past and present,
+the buffer they share, with write_position = past: how a runtime runs that form).
 
 Llama- and Qwen2-shaped decoders at realistic width (hidden 2048, 32 query / 8 KV heads, head 64,
 intermediate 5632, vocabulary 32000, 2 layers, random weights), built here with transformers and
@@ -11,7 +13,7 @@ falls on all alike; the median of the rounds); then each variant's peak RSS in a
 own (default session options, every core). Prints a markdown table and writes
 benchmarks/runtime.png (latency against length).
 
-    python benchmarks/bench_runtime.py [--layers 2] [--archs llama qwen2] [--json OUT]
+    python benchmarks/bench_runtime.py [--layers 2] [--archs llama qwen2] [--variants ...] [--json OUT]
 
 Needs torch (CPU), transformers, onnxscript and matplotlib besides onnx_fuse.
 """
@@ -30,7 +32,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "out")
 PREFILL, DECODE = (128, 512, 2048), (128, 1024, 4096)
-VARIANTS = ("original", "onnxscript", "onnx-fuse ort", "onnx-fuse onnx")
+STATIC = "onnx-fuse ort static"
+VARIANTS = ("original", "onnxscript", "onnx-fuse ort", "onnx-fuse onnx", STATIC)
+STATIC_SLOTS = DECODE[-1] + 64  # the fixed caches: every measured length fits
 SHAPE = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
              intermediate_size=5632, vocab_size=32000, max_position_embeddings=8192)
 
@@ -100,7 +104,8 @@ def make_variant(original: str, variant: str) -> tuple[str, dict]:
         else:
             import onnx_fuse
 
-            result = onnx_fuse.fuse(original, target=variant.split()[-1], max_positions=8192)
+            static = {"kv_cache": "static", "max_cache_len": STATIC_SLOTS} if variant == STATIC else {}
+            result = onnx_fuse.fuse(original, target=variant.split()[1], max_positions=8192, **static)
             result.save(path)
             info = {"fused": result.report["counts"], "check": result.report["check"]["passed"]}
         info["seconds"] = round(time.perf_counter() - started, 1)
@@ -115,31 +120,55 @@ def measure(paths: dict[str, str]) -> dict[str, dict]:
     import onnxruntime as ort
 
     sessions = {v: ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for v, p in paths.items()}
-    first = next(iter(sessions.values()))
-    past_inputs = [i.name for i in first.get_inputs() if i.name.startswith("past_key_values")]
-    kv_heads, head = SHAPE["num_key_value_heads"], SHAPE["head_dim"]
     rng = np.random.default_rng(0)
 
-    def feeds(seq: int, past: int) -> dict:
-        result = {"input_ids": rng.integers(0, SHAPE["vocab_size"], (1, seq)),
-                  "attention_mask": np.ones((1, past + seq), np.int64)}
-        result.update({n: rng.standard_normal((1, kv_heads, past, head)).astype(np.float32) for n in past_inputs})
-        return result
-
-    def timed(inputs: dict, rounds: int) -> dict[str, float]:
+    def timed(seq: int, past: int, rounds: int) -> dict[str, float]:
+        runs = {v: step(session, seq, past, rng) for v, session in sessions.items()}
         times: dict[str, list[float]] = {v: [] for v in sessions}
         for number in range(rounds + 1):  # round 0 warms up
             for variant in (list(sessions) if number % 2 else reversed(list(sessions))):
                 started = time.perf_counter()
-                sessions[variant].run(None, inputs)
+                runs[variant]()
                 if number:
                     times[variant].append(time.perf_counter() - started)
         return {v: round(1000 * float(np.median(t)), 2) for v, t in times.items()}
 
-    prefill = {s: timed(feeds(s, 0), {128: 7, 512: 5}.get(s, 3)) for s in PREFILL}
-    decode = {p: timed(feeds(1, p), 15) for p in DECODE}
+    prefill = {s: timed(s, 0, {128: 7, 512: 5}.get(s, 3)) for s in PREFILL}
+    decode = {p: timed(1, p, 15) for p in DECODE}
     return {v: {"prefill": {s: prefill[s][v] for s in PREFILL}, "decode": {p: decode[p][v] for p in DECODE}}
             for v in sessions}
+
+
+def step(session, seq: int, past: int, rng):
+    """A call that runs one step of `seq` new tokens after `past` (batch 1): the growing-cache
+    interface, or, for fixed caches, buffers bound once to both the past and its present (the
+    buffer they share) with write_position = past."""
+    names = [i.name for i in session.get_inputs()]
+    caches = [n for n in names if n.startswith("past_key_values")]
+    ids = rng.integers(0, SHAPE["vocab_size"], (1, seq))
+    cache_shape = (1, SHAPE["num_key_value_heads"], past, SHAPE["head_dim"])
+    if "write_position" not in names:
+        inputs = {"input_ids": ids, "attention_mask": np.ones((1, past + seq), np.int64)}
+        inputs.update({n: rng.standard_normal(cache_shape).astype(np.float32) for n in caches})
+        return lambda: session.run(None, inputs)
+    import onnxruntime as ort
+
+    mask = np.zeros((1, STATIC_SLOTS), np.int64)
+    mask[:, :past + seq] = 1
+    binding = session.io_binding()
+    for name, value in (("input_ids", ids), ("attention_mask", mask), ("write_position", np.array([past]))):
+        binding.bind_cpu_input(name, value)
+    fixed = cache_shape[:2] + (STATIC_SLOTS,) + cache_shape[3:]
+    buffers = {n: ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(fixed).astype(np.float32)) for n in caches}
+    for name, buffer in buffers.items():
+        binding.bind_ortvalue_input(name, buffer)
+    pairs = json.loads(session.get_modelmeta().custom_metadata_map["onnx_fuse.kv_cache.pairs"])
+    for output in session.get_outputs():
+        if output.name in pairs:
+            binding.bind_ortvalue_output(output.name, buffers[pairs[output.name]])
+        else:
+            binding.bind_output(output.name)
+    return lambda: session.run_with_iobinding(binding)
 
 
 def peak_rss(path: str) -> int:
@@ -148,12 +177,8 @@ def peak_rss(path: str) -> int:
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    past_inputs = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
-    kv_heads, head = SHAPE["num_key_value_heads"], SHAPE["head_dim"]
     for seq, past in ((PREFILL[-1], 0), (1, DECODE[-1])):
-        inputs = {"input_ids": np.zeros((1, seq), np.int64), "attention_mask": np.ones((1, past + seq), np.int64)}
-        inputs.update({n: np.zeros((1, kv_heads, past, head), np.float32) for n in past_inputs})
-        session.run(None, inputs)
+        step(session, seq, past, np.random.default_rng(0))()
     # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's high-water mark across
     # fork and exec (the parent holds the models it fused).
     with open("/proc/self/status") as status:
@@ -225,6 +250,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--archs", nargs="+", default=["llama", "qwen2"])
     parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # JSON {variant: path}
     parser.add_argument("--peak", help=argparse.SUPPRESS)
@@ -242,13 +268,13 @@ def main(argv=None) -> None:
             model = f"{arch} {exporter}"
             original = build_original(arch, exporter, args.layers)
             paths, infos, failures = {}, {}, {}
-            for variant in VARIANTS:
+            for variant in args.variants:
                 try:
                     paths[variant], infos[variant] = make_variant(original, variant)
                 except Exception as exc:  # a tool that fails is a row of the table, not the end
                     failures[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:150]}"}
             timings = {**measure_variants(paths), **failures}
-            for variant in VARIANTS:
+            for variant in args.variants:
                 rows.append({"model": model, "variant": variant, "info": infos.get(variant, {}),
                              "timing": timings[variant]})
                 print(rows[-1], flush=True)

@@ -142,6 +142,28 @@ def run_session(
     return {meta.name: _from_ort(value) for meta, value in zip(session.get_outputs(), values)}
 
 
+def run_sharing_buffers(session: onnxruntime.InferenceSession, inputs: dict[str, np.ndarray],
+                        shared: dict[str, str]) -> dict[str, np.ndarray]:
+    """`run_session` with each output of `shared` ({output: input}) written into its input's
+    buffer (IO binding), as a runtime that shares past and present buffers runs the model
+    (onnxruntime-genai's past_present_share_buffer). Those inputs are fed copies: `inputs` stay
+    as they were."""
+    binding, buffers = session.io_binding(), {}
+    for name in (meta.name for meta in session.get_inputs()):
+        if name in inputs:
+            value = np.array(inputs[name]) if name in shared.values() else inputs[name]
+            buffers[name] = _to_ort(value)
+            binding.bind_ortvalue_input(name, buffers[name])
+    outputs = session.get_outputs()
+    for meta in outputs:
+        if meta.name in shared:
+            binding.bind_ortvalue_output(meta.name, buffers[shared[meta.name]])
+        else:
+            binding.bind_output(meta.name)
+    session.run_with_iobinding(binding)
+    return {meta.name: np.array(_from_ort(value)) for meta, value in zip(outputs, binding.get_outputs())}
+
+
 def _to_ort(array: np.ndarray) -> onnxruntime.OrtValue:
     from onnxruntime import OrtValue
 

@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="positions the RoPE caches cover, where the graph does not bound them")
     fuse.add_argument("--kv-cache", choices=["static"],
                       help="static: turn caches that grow by Concat into fixed caches of "
-                           "--max-cache-len slots written by TensorScatter (checked over decode steps)")
+                           "--max-cache-len slots written by TensorScatter, or the target's own write "
+                           "(ort: GroupQueryAttention over a shared buffer) (checked over decode steps)")
     fuse.add_argument("--max-cache-len", type=int, metavar="N", help="cache slots for --kv-cache static")
     _target_options(fuse)
     fuse.set_defaults(run=_fuse)

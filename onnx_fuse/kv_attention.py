@@ -32,16 +32,18 @@ class Layer:
                 "mask_proven_for": self.written_by}
 
 
-def attention_layers(fused: FuseResult, model: onnx.ModelProto, layout: Layout, op: str,
+def attention_layers(fused: FuseResult, model: onnx.ModelProto, layout: Layout, ops: tuple[str, ...],
                      base_dir: str | None) -> list[Layer]:
-    """One Layer per `op` node of `model` (the fused model at opset 24); BadInput where a core
-    stayed unfused or a cache-reading mask is not causal (+ a window) over the caches."""
+    """One Layer per node of `model` (the fused model at opset 24) whose op is one of `ops` (what
+    the target writes attention as); BadInput where a core stayed unfused or a cache-reading mask
+    is not causal (+ a window) over the caches."""
+    op = "/".join(ops)
     unfused = [u for u in fused.unfused if u.pattern == "attention"]
     if unfused:
         raise BadInput(f"not every attention core was fused into {op}: {unfused[0].anchor} stays "
                        f"unfused ({unfused[0].reason}); --kv-cache static re-masks fused attention only")
-    nodes = [n for n in model.graph.node if n.op_type == op]
-    native = next((n for n in model.graph.node if n.op_type == "Attention" and op != "Attention"), None)
+    nodes = [n for n in model.graph.node if n.op_type in ops]
+    native = next((n for n in model.graph.node if n.op_type == "Attention" and "Attention" not in ops), None)
     if native is not None:
         raise BadInput(f"attention '{native.name}' is an ONNX Attention the exporter wrote, which "
                        f"--kv-cache static for {op} does not rewrite")
@@ -103,11 +105,12 @@ def _exporter_classes(model: onnx.ModelProto, nodes: list, base_dir: str | None)
 
 
 def _cache_readers(model: onnx.ModelProto, layout: Layout) -> set[str]:
-    """The nodes whose K or V (inputs 1 and 2) is computed from a cache."""
+    """The nodes whose K or V is computed from a cache: inputs 1 and 2, or any later one (an op
+    that takes the past itself, GroupQueryAttention's past_key/past_value)."""
     derived = {c.past for c in layout.caches}
     readers = set()
     for n in model.graph.node:  # graph order is topological
-        if any(i in derived for i in n.input[1:3]):
+        if any(i in derived for i in n.input[1:]):
             readers.add(n.name)
         if n.op_type not in ("Shape", "Size") and any(i in derived for i in n.input):
             derived.update(n.output)

@@ -18,14 +18,16 @@ tolerance, and so is the valid part of every cache; the slots past it must come 
 
 Inputs passed through (position ids, an encoder's states and mask) are fed to both models alike:
 position ids are the new tokens' positions, the rest fixed over the steps (kv_positions.other_inputs).
-bfloat16 models run widened to float32, as the one-step check runs them.
+bfloat16 models run widened to float32, as the one-step check runs them. A converted model whose
+metadata_props say its presents share their pasts' buffers (SHARED_BUFFER: target ort's
+GroupQueryAttention) runs with each present bound to its past's buffer, as a runtime must run it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .check import compare_output, run_session, runnable_as_float32, session_for
+from .check import compare_output, run_session, run_sharing_buffers, runnable_as_float32, session_for
 from .errors import BadInput
 from .kv_layout import Layout
 from .kv_positions import feed_dtype, other_inputs
@@ -34,6 +36,8 @@ from .widen import has_bfloat16
 STEPS = 8  # single-token decode steps the check drives at least
 CHUNK = 3  # new tokens of the first step
 WRITE_POSITION = "write_position"
+# metadata_props key: "true" when each present must share its past's buffer (the check binds them)
+SHARED_BUFFER = "onnx_fuse.kv_cache.shared_buffer"
 _OTHERS_SEED = 7  # one seed for the passed-through inputs: the same values at every step
 
 
@@ -94,9 +98,17 @@ class _Decode:
         self.write = _meta(converted.model, "onnx_fuse.kv_cache.write_position") or WRITE_POSITION
         self.layout, self.cache_len, self.widen = layout, cache_len, widen
         self.presents = {present for _, present in layout.pairs}
+        shares = _meta(converted.model, SHARED_BUFFER) == "true"
+        self.shared = {present: past for past, present in layout.pairs} if shares else None
         self.rng = np.random.default_rng(seed)
         self.stats: dict[str, list] = {}
         self.problems: list[str] = []
+
+    def run_converted(self, feeds: dict) -> dict:
+        """The converted model on `feeds`, each present in its past's buffer if it says so."""
+        if self.shared:
+            return run_sharing_buffers(self.cand, feeds, self.shared)
+        return run_session(self.cand, feeds)
 
     def record(self, name, actual, expected, where) -> None:
         diff, problem = compare_output(actual, expected)
@@ -143,7 +155,7 @@ class _Decode:
                 feeds[layout.mask] = self.mask((2, self.cache_len))
                 for b in range(2):
                     feeds[layout.mask][b, :done[b] + seq] = 1
-            got = run_session(self.cand, feeds)
+            got = self.run_converted(feeds)
             for b in range(2):
                 self._compare(got, outs[b], fixed, b, done[b] + seq, f"ragged step {step + 1}, row {b}")
                 pasts[b] = {past: outs[b][present] for past, present in layout.pairs}
@@ -190,7 +202,7 @@ class _Decode:
             expected = run_session(self.ref, {layout.ids: ids, layout.mask: am_orig, **past, **others})
             am = self.mask((2, self.cache_len))
             am[:, :am_orig.shape[1]] = am_orig
-            got = run_session(self.cand, {layout.ids: ids, layout.mask: am, **fixed, **others,
+            got = self.run_converted({layout.ids: ids, layout.mask: am, **fixed, **others,
                                           self.write: np.array([position, position], np.int64)})
             self._compare(got, expected, fixed, 0, am_orig.shape[1], f"left-padded step {step + 1}",
                           rows=slice(0, 2))
@@ -210,7 +222,7 @@ class _Decode:
             am[:, position:position + seq] = 1
             feeds = {layout.ids: self.ids(seq), layout.mask: am, **self.others([position] * 2, seq)}
             expected = run_session(self.ref, {**feeds, **cache})
-            got = run_session(self.cand, {**feeds, **ours})
+            got = self.run_converted({**feeds, **ours})
             for name, value in expected.items():
                 self.record(name, got[name], value, f"static step {step + 1}")
             cache = {p: expected[q] for p, q in layout.pairs}

@@ -38,6 +38,12 @@ RotaryEmbedding with max_positions N) and checked against the original (api.py c
 steps; this module reads the pass's typed results). Each cache-reading attention's mask class,
 proven by the pass (masks.py), must be causal (+ sliding window W) and padding (causal alone for
 a model without a mask input). Proof: kv_check.check_static, the multi-step check.
+
+That is the standard form; a target's own (Target.static_form, a StandardForm) writes the same
+interface with its ops: trt11's and trt-plugin's write and read with their plugins, ort's
+GroupQueryAttention takes the fixed cache as its past and present itself (a cache writer: the
+pass left no Concat to turn into a write) in one buffer the caller shares between them, which
+the written model's metadata_props say ("onnx_fuse.kv_cache.shared_buffer") and the check obeys.
 """
 
 from __future__ import annotations
@@ -54,13 +60,13 @@ from .check import ModelRef
 from .errors import BadInput, CheckFailed
 from .graph import FreshNames
 from .kv_attention import Layer, attention_layers
-from .kv_check import CHUNK, STEPS, WRITE_POSITION, check_static, needed_slots
+from .kv_check import CHUNK, SHARED_BUFFER, STEPS, WRITE_POSITION, check_static, needed_slots
 from .kv_layout import Layout, find_layout
 from .kv_positions import Positions, Use, find_positions
 from .opset import OpsetError, default_opset, raise_opset
 from .result import FuseResult
 from .rewrite import tidy
-from .specs import KVCacheWriteSpec
+from .specs import AttentionSpec, KVCacheWriteSpec
 
 __all__ = ["Layout", "StandardForm", "check_static", "find_layout", "make_static", "plan"]
 
@@ -101,9 +107,10 @@ def make_static(source, fused: FuseResult, target, layout: Layout, cache_len: in
         scenarios = ("static",)
     else:
         model24 = _at_opset_24(fused.model)
-        layers = attention_layers(fused, model24, layout, form.attention_op, source.base_dir)
+        layers = attention_layers(fused, model24, layout, form.attention_ops, source.base_dir)
         layout = layout.with_mask(_proven_mask(layers, layout))
-        static, section = convert(model24, layout, cache_len, source.base_dir, layers, form)
+        static, section = convert(model24, layout, cache_len, source.base_dir, layers, form,
+                                  _matched_masks(source.model, fused))
         scenarios = tuple(s for s in form.scenarios if s != "left_padded" or layout.mask)
     report = _report(fused.report, layout, section, cache_len)
     report["tensorrt"] = target.contract(static)
@@ -192,13 +199,31 @@ class StandardForm:
 
     What a form may use of the conversion (`_Conversion`): `node(op, inputs, attrs, dtype, shape)`
     and `const(prefix, value)` to add nodes, `mask(window)` (the standard mask [B, 1, S, N]),
-    `write` (the write_position input [B]), `tensors` (the graph's tensors by name) and `layout`
-    (kv_layout.Layout: `ids`, `batch_dim`, `mask`)."""
+    `write` (the write_position input [B]), `query` (write_position[b] + t, [B, S]), `tensors`
+    (the graph's tensors by name), `layout` (kv_layout.Layout: `ids`, `batch_dim`, `mask`) and
+    `cache_len` (N)."""
 
     attention_op = "Attention"
     write_op = "TensorScatter"
     scenarios = ("ragged", "left_padded")  # what check_static drives
     valid_slots = "1 = the slot holds a valid token (this step's included)"
+    # Attention ops that take the past and give the present themselves (no Concat left to turn
+    # into a write): their `remask` makes them write the fixed cache, and the present outputs
+    # come from them.
+    cache_writers: tuple[str, ...] = ()
+    # Whether each present must be bound to its past's buffer (past_present_share_buffer): the
+    # written model says so in its metadata_props, and the multi-step check runs it so.
+    shares_buffer = False
+
+    @property
+    def attention_ops(self) -> tuple[str, ...]:
+        """Every op the pass writes attention as for this target (one, unless the target picks
+        an op per attention)."""
+        return (self.attention_op,)
+
+    def old_masks(self, attention: gs.Node) -> list:
+        """The tensors `remask` stops `attention` reading its masking from."""
+        return attention.inputs[3:4]  # none: causal by attribute
 
     def remask(self, conversion: _Conversion, attention: gs.Node, window: int | None) -> None:
         attention.inputs[3] = conversion.mask(window)
@@ -212,13 +237,17 @@ class StandardForm:
         """Model-local functions the written nodes call."""
         return []
 
+    def finish(self, conversion: _Conversion) -> None:
+        """A last look at the rewritten graph (a form's own requirement on it), before export."""
+
 
 def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: str | None,
-            layers: list[Layer], form: StandardForm = StandardForm()):
-    """The fused model (opset 24) with fixed caches; returns it and the report's section."""
+            layers: list[Layer], form: StandardForm = StandardForm(), matched_masks: frozenset = frozenset()):
+    """The fused model (opset 24) with fixed caches; returns it and the report's section.
+    `matched_masks`: the tensors the source computes the pass's matched masks from (_matched_masks)."""
     positions = find_positions(model, layout, cache_len, base_dir)
     rewrite = _Conversion(model, layout, cache_len, form)
-    layer_report = rewrite.masks(layers)
+    layer_report = rewrite.masks(layers, matched_masks)
     anchors = rewrite.writes()
     tidy(rewrite.g)  # what computed the old masks goes: its readers of the past need no care
     mask_readers = rewrite.remask_readers(model, base_dir)
@@ -227,6 +256,7 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
     repointed = rewrite.repoint(positions)
     tidy(rewrite.g)
     rewrite.require_gone()
+    form.finish(rewrite)
     out = rewrite.export()
     section = {
         "mode": "static", "max_cache_len": cache_len, "pairs": rewrite.pairs,
@@ -234,8 +264,9 @@ def convert(model: onnx.ModelProto, layout: Layout, cache_len: int, base_dir: st
         "attention_mask": (f"{layout.mask} [batch, {cache_len}]: {form.valid_slots}" if layout.mask
                            else f"none: row b's valid slots are 0 .. {rewrite.write.name}[b] + S - 1"),
         "passed_through": sorted(layout.others),
-        "caches": [{"past": c.past, "present": c.present, "form": c.form, "write": form.write_op,
-                    **({"window_kept": c.keep} if c.keep else {})} for c in layout.caches],
+        "caches": [{"past": c.past, "present": c.present, "form": c.form, "write": write,
+                    **({"window_kept": c.keep} if c.keep else {})}
+                   for c, write in zip(layout.caches, rewrite.written_by)],
         "layers": layer_report, "positions": repointed, "position_tables": positions.tables,
         "past_lengths": lengths, "mask_readers": mask_readers, "anchors": anchors,
     }
@@ -263,6 +294,7 @@ class _Conversion:
         self._masks: dict = {}
         self._typed_query: dict = {}
         self._old_masks = []  # what the cache-reading attention read before, then its subgraph
+        self.written_by: list[str] = []  # per cache, what writes it (`writes`)
 
     def node(self, op, inputs, attrs=None, dtype=None, shape=None):
         out = gs.Variable(self.names(f"kv_static/{op}_out"), dtype, shape)
@@ -320,21 +352,24 @@ class _Conversion:
                                             shape=[self.layout.batch_dim, 1, None, self.cache_len])
         return self._masks[window]
 
-    def masks(self, layers: list[Layer]) -> list[dict]:
+    def masks(self, layers: list[Layer], matched: frozenset = frozenset()) -> list[dict]:
         """Every cache-reading attention reads the whole fixed cache through the mask of its
-        window; cross-attention stays as it is."""
+        window; cross-attention stays as it is. The old masks are what the attention nodes read
+        and what of the masks the pass matched (`matched`, by name) is still computed."""
         by_name = {layer.attention: layer for layer in layers}
         report = []
-        for attention in (n for n in self.g.nodes if n.op == self.form.attention_op):
+        for attention in (n for n in self.g.nodes if n.op in self.form.attention_ops):
             layer = by_name.get(attention.name)
             if layer is None:
-                raise BadInput(f"{self.form.attention_op} '{attention.name}' was not fused by this pass: "
+                raise BadInput(f"{attention.op} '{attention.name}' was not fused by this pass: "
                                "its mask is not proven")
             if not layer.cross:
-                self._old_masks.extend(attention.inputs[3:4])  # none: causal by attribute
+                self._old_masks.extend(self.form.old_masks(attention))
                 self.form.remask(self, attention, layer.window)
             report.append(layer.summary())
-        self._old_masks = _subgraph(self._old_masks)  # before tidy cuts what dies
+        tensors, inside = _subgraph(self._old_masks)  # before tidy cuts what dies
+        alive = [self.tensors[name] for name in matched if name in self.tensors]
+        self._old_masks = (tensors | {id(t) for t in alive}, inside | {id(n) for t in alive for n in t.inputs})
         return report
 
     def remask_readers(self, model: onnx.ModelProto, base_dir: str | None) -> list[str]:
@@ -361,23 +396,34 @@ class _Conversion:
     def writes(self) -> list[str]:
         """Each Concat(past, new) becomes the form's write of new into past at write_position
         (TensorScatter) writing the present output itself (no-op Casts and a window's Slice
-        after it dropped), as TensorRT's in-place update wants."""
+        after it dropped), as TensorRT's in-place update wants. An attention op of the form's
+        `cache_writers` (its remask made it write the fixed cache) writes the present itself
+        the same way. `written_by` says, per cache, what writes it."""
         anchors = []
         for past, present in self.layout.pairs:
-            concat, chain = self.tensors[present].inputs[0], []
-            while concat.op != "Concat":  # no-op Casts, Identity, a window's Slice (kv_layout)
-                chain.append(concat)
-                concat = concat.inputs[0].inputs[0]
-            anchors.append(f"Concat '{concat.name}'")
-            self.form.write(self, concat)
-            concat.name = self.names(f"kv_static/{self.form.write_op}")
+            writer, grown, chain = self._writer(self.tensors[present])
+            anchors.append(f"{writer.op} '{writer.name}'")
+            if writer.op == "Concat":
+                self.form.write(self, writer)
+                writer.name = self.names(f"kv_static/{self.form.write_op}")
+            self.written_by.append(self.form.write_op if writer.op == self.form.write_op else
+                                   f"{writer.op} '{writer.name}' (it writes the cache itself)")
             if chain:
-                self._drop(chain, concat, self.tensors[present])
+                self._drop(chain, writer, grown, self.tensors[present])
         return anchors
 
+    def _writer(self, present) -> tuple:
+        """(the node that grows `present`: a Concat or one of the form's cache writers, its
+        output the present is computed from, the no-op hops between)."""
+        grown, chain = present, []
+        while grown.inputs[0].op not in ("Concat", *self.form.cache_writers):
+            chain.append(grown.inputs[0])  # no-op Casts, Identity, a window's Slice (kv_layout)
+            grown = grown.inputs[0].inputs[0]
+        return grown.inputs[0], grown, chain
+
     @staticmethod
-    def _drop(chain: list, scatter, target) -> None:
-        between = [scatter.outputs[0]] + [hop.outputs[0] for hop in chain[1:]]
+    def _drop(chain: list, writer, grown, target) -> None:
+        between = [grown] + [hop.outputs[0] for hop in chain[1:]]
         for hop in chain:
             hop.inputs.clear()
             hop.outputs.clear()
@@ -386,7 +432,8 @@ class _Conversion:
                 for i, t in enumerate(user.inputs):
                     if t is tensor:
                         user.inputs[i] = target
-        scatter.outputs[0] = target
+        index = next(i for i, t in enumerate(writer.outputs) if t is grown)
+        writer.outputs[index] = target
 
     def reexpress_past_lengths(self) -> list[str]:
         """Shape(past) read for anything but the old mask (a Reshape to past + S keys) gets the
@@ -512,7 +559,8 @@ class _Conversion:
         meta = {"onnx_fuse.kv_cache.pairs": json.dumps(self.pairs),
                 "onnx_fuse.kv_cache.max_cache_len": str(self.cache_len),
                 "onnx_fuse.kv_cache.write_position": self.write.name,
-                "onnx_fuse.kv_cache.attention_mask": self.layout.mask or ""}
+                "onnx_fuse.kv_cache.attention_mask": self.layout.mask or "",
+                **({SHARED_BUFFER: "true"} if self.form.shares_buffer else {})}
         kept = [p for p in self.model.metadata_props if p.key not in meta]
         del out.metadata_props[:]
         out.metadata_props.extend(kept)
@@ -524,6 +572,24 @@ class _Conversion:
                 n.doc_string = "onnx-fuse rule: kv_cache (--kv-cache static)"
                 entry = n.metadata_props.add()
                 entry.key, entry.value = "onnx_fuse.rule", "kv_cache"
+
+
+def _matched_masks(source: onnx.ModelProto, fused: FuseResult) -> frozenset:
+    """The tensors the source computes the masks the pass matched from (by value). A target whose
+    attention op takes the masking in a form of its own (GroupQueryAttention's bias, built from
+    the mask input) leaves live only the part of them something else reads (transformers'
+    exporter zeroes fully hidden query rows), and that reader needs the new mask too."""
+    producer = {o: n for n in source.graph.node for o in n.output}
+    found, pending = set(), [spec.mask.tensor.name for _, spec in fused.specs(AttentionSpec) if spec.mask]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        node = producer.get(name)
+        if node is not None and node.op_type not in ("Shape", "Size"):
+            pending.extend(i for i in node.input if i)
+    return frozenset(found)
 
 
 def _constant_ints(tensor) -> list[int] | None:

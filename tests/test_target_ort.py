@@ -334,3 +334,38 @@ def test_finish_runs_after_every_rule():
     finally:
         del TARGETS["watching"]
     assert seen == [[("attention", 2), ("rope", 4)]]
+
+
+# --- a sliding-window cache: the mask outgrows the cache -----------------------------------------
+
+SLIDING_CACHE = os.path.join(MODELS, "mistral-swcache_decode_sdpa_dynamo.onnx")
+
+
+def with_first_mask_columns(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The fused model with its padding bias over the mask's first past + S columns."""
+    mutant = onnx.ModelProto()
+    mutant.CopyFrom(model)
+    (cut,) = [n for n in mutant.graph.node if n.op_type == "Slice" and n.input[0] == "attention_mask"]
+    (neg,) = [n for n in mutant.graph.node if n.output[0] == cut.input[1]]
+    mutant.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "mut_zero"))
+    cut.input[1], cut.input[2] = "mut_zero", neg.input[0]
+    return mutant
+
+
+def test_a_sliding_window_cache_reads_the_last_mask_columns():
+    """Hugging Face's sliding-window cache holds the last W - 1 tokens while attention_mask grows
+    with every token; the padding bias is the mask's last past + S columns (the one-step check
+    feeds a mask as long as the keys, where first and last are the same)."""
+    fused = onnx_fuse.fuse(SLIDING_CACHE, target="ort", max_positions=64).model
+    rng = np.random.default_rng(3)
+    mask = np.ones((2, 10), np.int64)
+    mask[1, :2] = 0  # left padding, long out of the window
+    mask[0, 7] = 0  # a hole inside it
+    feeds = {"input_ids": rng.integers(0, 64, (2, 1)), "attention_mask": mask}
+    for layer in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal((2, 2, 3, 8)).astype(np.float32)
+    original = ModelRef(onnx.load(SLIDING_CACHE), MODELS)
+    outcome = check_equivalent(original, ModelRef(fused, MODELS), feeds)
+    assert outcome.passed, outcome.message
+    assert not check_equivalent(original, ModelRef(with_first_mask_columns(fused), MODELS), feeds).passed

@@ -46,8 +46,8 @@ class Target:
     floor_opset: ClassVar[int]  # default-domain opset the emitted ops need
     domains: ClassVar[dict[str, int]] = {}  # other opset imports the emitted nodes need
     proof: ClassVar[Proof] = ONNXRUNTIME
-    # Whether `--kv-cache static` can write its fixed caches (TensorScatter and masked Attention)
-    # for this target.
+    # Whether `--kv-cache static` can write its fixed caches for this target (the standard form,
+    # TensorScatter and masked Attention, or the target's `static_form`).
     static_cache: ClassVar[bool] = False
     # spec type -> emitter(spec, rewrite); a spec of another type is left as primitive ops.
     emitters: ClassVar[dict[type, Callable[[Any, Rewrite], None]]] = {}

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import onnx
 
-from ..specs import AttentionSpec, RotarySpec
+from ..specs import AttentionSpec, KVCacheWriteSpec, RotarySpec
+from . import onnx as standard
 from .base import Target
 from .ort_attention import GQA, MHA, emit_attention, plan
 from .ort_kernels import CONTRIB, providers, runs_on_cpu
 from .ort_rotary import ROTARY, emit_rotary, fold_rotary
+from .ort_static import OrtStaticForm
 
 
 class OrtTarget(Target):
@@ -23,7 +25,13 @@ class OrtTarget(Target):
     floor_opset = 23  # ONNX Attention, for what the contrib ops cannot express
     domains = {CONTRIB: 1}
     contract_name = "onnxruntime"
-    emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary}
+    # StaticCache's scatters become TensorScatter (opset 24), which onnxruntime runs for every type
+    emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary,
+                KVCacheWriteSpec: standard.emit_kv_cache_write}
+    static_cache = True  # GroupQueryAttention over shared past/present buffers (ort_static.py)
+
+    def static_form(self):
+        return OrtStaticForm()
 
     def refusal(self, spec) -> str | None:
         if isinstance(spec, AttentionSpec):

@@ -204,7 +204,7 @@ def _emit_gqa(spec: AttentionSpec, cache: CacheGrowth | None, rw: Rewrite) -> No
         inputs[3] = inputs[4] = _empty_past(spec, rw)
     inputs.update(_lengths(spec, inputs[3], rw))
     if klass.padding:
-        inputs[10] = _padding_bias(spec, rw)
+        inputs[10] = _padding_bias(spec, inputs[3], rw)
     if spec.sinks is not None:  # one logit per query head, however the export shaped it
         inputs[11] = rw.op("Reshape", [spec.sinks, rw.const("ort_flat", np.array([-1], np.int64))])
     attrs = {"num_heads": spec.q_heads, "kv_num_heads": spec.kv_heads, "scale": float(spec.scale)}
@@ -328,44 +328,53 @@ def _graph_input(rw: Rewrite, name: str) -> Tensor:
     return found
 
 
-def _floor(dtype: int) -> np.ndarray:
+def hidden_score(dtype: int) -> np.ndarray:
     """The additive value for a hidden key: half the lowest float, so that adding a score never
     overflows and a row whose keys are all hidden stays finite (a mean, at a padded token)."""
     np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     return np.array(ml_dtypes.finfo(np_type).min / 2, np_type)
 
 
-def _padding_bias(spec: AttentionSpec, rw: Rewrite) -> Tensor:
-    """attention_bias [B, 1, S, T]: 0 where attention_mask[b, j] is 1, hidden elsewhere. The mask
-    class proves that this, with GQA's causal mask and window, is the original's visibility."""
+def _padding_bias(spec: AttentionSpec, past: Tensor, rw: Rewrite) -> Tensor:
+    """attention_bias [B, 1, S, past + S]: 0 where attention_mask[b, j] is 1, hidden elsewhere,
+    over the mask's last past + S columns: all of it where the mask spans the keys, the keys' own
+    where it is longer (Hugging Face's sliding-window cache holds the last W - 1 tokens while the
+    mask grows with every token; onnxruntime takes no longer bias). The mask class proves that
+    this, with GQA's causal mask and window, is the original's visibility."""
     padding = _graph_input(rw, spec.mask.klass.padding_input)
 
     def build():
         np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
-        valid = rw.op("Cast", [padding], {"to": onnx.TensorProto.BOOL}, dtype=np.bool_)
+        past_len = rw.op("Shape", [past], {"start": 2, "end": 3}, dtype=np.int64)
+        keys = rw.op("Add", [past_len, rw.op("Shape", [spec.query], {"start": 2, "end": 3}, dtype=np.int64)])
+        last = rw.op("Slice", [padding, rw.op("Neg", [keys], dtype=np.int64),
+                               rw.const("ort_to_end", np.array([np.iinfo(np.int64).max])),
+                               rw.const("ort_axis1", np.array([1], np.int64))])
+        valid = rw.op("Cast", [last], {"to": onnx.TensorProto.BOOL}, dtype=np.bool_)
         bias = rw.op("Where", [valid, rw.const("ort_zero", np.zeros((), np_type)),
-                               rw.const("ort_hidden", _floor(spec.dtype))])
+                               rw.const("ort_hidden", hidden_score(spec.dtype))])
         bias = rw.op("Unsqueeze", [bias, rw.const("ort_axes12", np.array([1, 2], np.int64))])
         return _expand_to_scores(spec, bias, rw, keys=None)  # K/V are the cache GQA writes
 
-    return rw.shared(("ort_padding_bias", padding.name, spec.dtype, _dim_key(spec.query, 2, rw)), build)
+    key = ("ort_padding_bias", padding.name, spec.dtype, _dim_key(spec.query, 2, rw), _dim_key(past, 2, rw))
+    return rw.shared(key, build)
 
 
 def additive_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     """The mask (plus the bias) as one additive tensor [B|1, N|1, Sq, Skv] in Q's type, hidden
-    entries raised to the finite floor (see _floor)."""
+    entries raised to the finite floor (see hidden_score)."""
     mask = spec.mask
 
     def build():
         np_type = onnx.helper.tensor_dtype_to_np_dtype(spec.dtype)
-        floor = rw.const("ort_hidden", _floor(spec.dtype))
+        floor = rw.const("ort_hidden", hidden_score(spec.dtype))
         if mask.kind in ("keep", "drop"):
             visible = mask.tensor if mask.kind == "keep" else rw.op("Not", [mask.tensor])
             tensor = rw.op("Where", [visible, rw.const("ort_zero", np.zeros((), np_type)), floor])
         else:
             tensor = mask.tensor if mask.bias is None else rw.op("Add", [mask.bias, mask.tensor])
             if onnx_dtype(tensor) not in (None, spec.dtype):
-                lowest = rw.const("ort_lowest", _floor(spec.dtype).astype(np.float32))
+                lowest = rw.const("ort_lowest", hidden_score(spec.dtype).astype(np.float32))
                 tensor = rw.op("Cast", [rw.op("Max", [tensor, lowest])], {"to": spec.dtype})
             tensor = rw.op("Max", [tensor, floor])
         rank = max(len(t.shape or ()) for t in (mask.tensor, mask.bias) if t is not None)
