@@ -293,6 +293,7 @@ class OnnxTarget(Target):
     floor_opset = 23  # Attention, RotaryEmbedding (TensorScatter: 24, its spec's min_opset)
     static_cache = True
     keeps_quantization = True  # Q/DQ pairs on Q, K and V stay in front of Attention
+    own_ops = frozenset({("", "Attention"), ("", "RotaryEmbedding"), ("", "TensorScatter")})
     emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary,
                 KVCacheWriteSpec: emit_kv_cache_write}
 

@@ -13,7 +13,7 @@ import onnx
 
 from ..specs import AttentionSpec, RotarySpec
 from .base import Target
-from .ort_attention import GQA, MHA, emit_attention, plan
+from .ort_attention import ATTENTION, GQA, MHA, emit_attention, plan
 from .ort_kernels import CONTRIB, providers, runs_on_cpu
 from .ort_rotary import ROTARY, emit_rotary, fold_rotary
 
@@ -30,6 +30,8 @@ class OrtTarget(Target):
             chosen = plan(spec, lambda t: t.shape)  # emit plans again with the refined shapes
             if chosen.op is None:
                 return chosen.why
+            if chosen.op == ATTENTION and spec.written_as == ATTENTION:  # no op into itself
+                return f"stays the ONNX Attention the model has: {chosen.why}"
         return super().refusal(spec)
 
     def finish(self, graph, result) -> None:
