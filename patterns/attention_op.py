@@ -22,7 +22,8 @@ What the op computes (ONNX, opsets 23-24), and how the spec says it:
   equal to the lowest float too: such rows are padded tokens, which the check allows to differ.
 What the spec cannot say is refused with the reason: past_key/past_value (the op's own cache
 concatenation), nonpad_kv_seqlen (24), qk_matmul_output_mode other than 0, an output besides Y
-that is read, is_causal together with attn_mask, attributes of a later opset (25's windows).
+that is read, is_causal together with attn_mask, a mask shorter than the keys (the op pads it
+with -inf), attributes of a later opset (25's windows).
 
 A target whose own op is ONNX Attention (Target.own_ops: target onnx) keeps these nodes as they
 are (Rule.written_op); the others rewrite them into their op.
@@ -198,6 +199,10 @@ def _mask(graph: Graph, node: Node, operands: _Operands) -> tuple[MaskSpec | Non
     if shape is None or len(shape) > 4:
         raise Reject("the mask's rank is unknown or above 4")
     q, k = node.inputs[:2]  # their dim -2 is the query and the key length, 3-D or 4-D
+    keys = graph.shape(k)[-2]
+    if isinstance(shape[-1], int) and isinstance(keys, int) and shape[-1] not in (1, keys):
+        raise Reject(f"attn_mask covers {shape[-1]} of {keys} keys (the op hides the rest), "
+                     "which the spec's mask does not say")
     spec.klass = classify_mask_spec(graph, spec, query_len=q, key_len=k)
     return spec, views
 

@@ -271,6 +271,17 @@ def test_what_the_spec_cannot_say_is_still_target_onnxs_own_op(case):
     assert result.report["unfused"] == [] and len(result.report["kept"]) == 1 and not result.changed
 
 
+@pytest.mark.parametrize("target", REWRITING)
+def test_a_mask_shorter_than_the_keys_is_refused(target):
+    g = GraphBuilder()
+    q, k, v = (g.input(n, F32, [2, HEADS, 3 if n == "q" else 5, HEAD]) for n in "qkv")
+    g.nodes.append(helper.make_node("Attention", [q, k, v, g.input("m", TensorProto.BOOL, [2, 1, 3, 4])],
+                                    ["y"], name="sdpa"))
+    report = onnx_fuse.fuse(g.model("y"), target=target, check=False).report
+    (miss,) = report["unfused"]
+    assert "attn_mask covers 4 of 5 keys" in miss["reason"]
+
+
 def test_microsofts_attention_is_another_op():
     model = attention_op_model(mask=None)
     model.graph.node[-1].domain = "com.microsoft"
