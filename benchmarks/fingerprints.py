@@ -26,6 +26,11 @@ CONFIGS = {
     "onnx-max-positions-64": dict(target="onnx", max_positions=64),
     "primitive-trt": dict(target="primitive-trt"),
     "kv-static-64": dict(target="onnx", kv_cache="static", max_cache_len=64),
+    "ort": dict(target="ort"),
+    "trt11": dict(target="trt11"),
+    "trt-plugin": dict(target="trt-plugin"),
+    "trt11-kv-static-16": dict(target="trt11", kv_cache="static", max_cache_len=16),
+    "trt-plugin-kv-static-16": dict(target="trt-plugin", kv_cache="static", max_cache_len=16),
 }
 
 
@@ -44,7 +49,7 @@ def fingerprints() -> dict:
     found = {}
     for name in sorted(manifest):
         for config, options in CONFIGS.items():
-            if config.startswith("kv-static") and manifest[name]["kind"] != "decode":
+            if "kv-static" in config and manifest[name]["kind"] != "decode":
                 continue
             found[f"{name} [{config}]"] = fingerprint(os.path.join(MODELS, name), options)
             print(f"{name} [{config}]: {found[f'{name} [{config}]'][:16]}", flush=True)

@@ -268,6 +268,8 @@ def _inspect(args) -> int:
         print(f"  fuses   {fused['rule']:<10} at {fused['anchor']}: {details}")
     for miss in report["unfused"]:
         print(f"  unfused {miss['pattern']:<10} at {miss['anchor']}: {miss['reason']}")
+    for kept in report.get("kept", []):
+        print(f"  keeps   {kept['pattern']:<10} at {kept['anchor']}: {kept['reason']}")
     for repair in report.get("repairs", []):
         print(f"  repairs {repair['op']} '{repair['node']}': {repair['problem']}; {repair['fix']}")
     return EXIT_OK
@@ -342,6 +344,8 @@ def _summary(report: dict) -> str:
     counts = ", ".join(f"{n} {c}" for n, c in sorted(report["counts"].items())) or "nothing"
     opset = report["opset"]
     line = f"fused: {counts}; unfused candidates: {len(report['unfused'])}"
+    if report.get("kept"):
+        line += f"; kept as written: {len(report['kept'])} (already the target's op)"
     if opset["to"] != opset["from"]:
         line += f"; opset {opset['from']} -> {opset['to']}"
     if report.get("repairs"):

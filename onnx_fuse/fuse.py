@@ -42,7 +42,7 @@ def fuse_source(source: SourceModel, target: Target, options: Options, prover: P
     if _has_anchors(source.model, rules):  # a model without candidates is not even imported
         attempt = _Pass(source, rules, options, prover, apply).run(target)
     report["opset"]["to"] = attempt.opset
-    describe(report, attempt.result.fused, attempt.result.unfused)
+    describe(report, attempt.result.fused, attempt.result.unfused, attempt.result.kept)
     rewritten = apply and bool(attempt.result.fused)
     output = export(attempt.graph, attempt.template, target.domains) if rewritten else source.model
     if rewritten:
@@ -201,6 +201,6 @@ def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _blocked(result: PassResult, reason: str) -> PassResult:
-    blocked = PassResult(unfused=list(result.unfused))
+    blocked = PassResult(unfused=list(result.unfused), kept=list(result.kept))
     blocked.unfused += [Unfused(f.anchor, f.rule, reason, f.position) for f in result.fused]
     return blocked

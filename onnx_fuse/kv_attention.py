@@ -2,7 +2,8 @@
 cache (their K or V is computed from a present: self-attention, MLA's latent cache included) and
 which do not (cross-attention over an encoder's states, left as it is), and for each
 cache-reading one the mask class the pass proved (masks.py). Attention the exporter wrote itself
-(torch's opset-23 SDPA) is classified here by the same evaluation.
+(torch's opset-23 SDPA) and the target kept as its own op (target onnx) is classified here by the
+same evaluation; for the other targets the pass rewrote it, and its spec carries the class.
 """
 
 from __future__ import annotations
@@ -43,10 +44,6 @@ def attention_layers(fused: FuseResult, model: onnx.ModelProto, layout: Layout, 
         raise BadInput(f"not every attention core was fused into {op}: {unfused[0].anchor} stays "
                        f"unfused ({unfused[0].reason}); --kv-cache static re-masks fused attention only")
     nodes = [n for n in model.graph.node if n.op_type in ops]
-    native = next((n for n in model.graph.node if n.op_type == "Attention" and "Attention" not in ops), None)
-    if native is not None:
-        raise BadInput(f"attention '{native.name}' is an ONNX Attention the exporter wrote, which "
-                       f"--kv-cache static for {op} does not rewrite")
     classes = _pass_classes(fused, {n.name for n in nodes}, op)
     if not nodes:
         raise BadInput(f"no attention was fused into {op}: --kv-cache static re-masks fused attention only")

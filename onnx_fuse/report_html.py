@@ -95,6 +95,8 @@ def _summary(report: dict) -> str:
              ("unfused candidates", str(len(report.get("unfused", [])))),
              ("opset", _e(f"{opset.get('from', '?')} → {opset.get('to', '?')}")),
              ("check", verdict)]
+    if report.get("kept"):  # ops the model had that are already the target's own
+        cards.insert(3, ("kept as written", str(len(report["kept"]))))
     if "seconds" in report:
         cards.append(("seconds", _e(report["seconds"])))
     return "<div class=\"cards\" id=\"summary\">" + "".join(

@@ -53,8 +53,9 @@ class FuseResult:
         return [(f, f.spec) for f in self.fused if isinstance(f.spec, kind)]
 
 
-def describe(report: dict, fused: list[Fused], unfused: list[Unfused]) -> None:
-    """The report's counts, fused and unfused sections."""
+def describe(report: dict, fused: list[Fused], unfused: list[Unfused], kept: list[Unfused] = ()) -> None:
+    """The report's counts, fused and unfused sections, and `kept` (only when a target kept an op
+    the model already had as its own: Target.own_ops)."""
     counts: dict[str, int] = {}
     for f in fused:
         counts[f.rule] = counts.get(f.rule, 0) + 1
@@ -63,6 +64,8 @@ def describe(report: dict, fused: list[Fused], unfused: list[Unfused]) -> None:
                         **({"position": f.position} if f.position is not None else {})}
                        for f in fused]
     report["unfused"] = [u.to_json() for u in unfused]
+    if kept:
+        report["kept"] = [k.to_json() for k in kept]
 
 
 def attach_contract(report: dict, entries: list[dict], key: str = "tensorrt") -> None:

@@ -38,6 +38,9 @@ class Rule:
     # (graph, anchor) -> whether the anchor is a candidate at all (a Softmax over expert logits is
     # not attention): anchors it turns down are not reported.
     candidate: Callable[[Graph, Node], bool] | None = None
+    # The anchor is itself a fused op that the spec describes (an exporter's ONNX Attention): a
+    # target whose own op it is (Target.own_ops) keeps it as written, before it is even matched.
+    written_op: bool = False
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Unfused:
 class PassResult:
     fused: list[Fused] = field(default_factory=list)
     unfused: list[Unfused] = field(default_factory=list)
+    # anchors a target keeps as written (already its own op: Rule.written_op), with the reason
+    kept: list[Unfused] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -180,8 +185,10 @@ def node_label(node: Node) -> str:
 class Emitter(Protocol):
     """What run_rules needs of a target (targets.base.Target)."""
 
+    name: str
     floor_opset: int
     domains: dict[str, int]
+    own_ops: frozenset[tuple[str, str]]
 
     def refusal(self, spec) -> str | None: ...
 
@@ -205,6 +212,10 @@ def run_rules(graph: Graph, rules: list[Rule], target: Emitter, apply: bool = Tr
                 continue
             progress.phase("match", f"{rule.name} candidate {count} of {len(anchors)}")
             label, where = node_label(anchor), position.get(id(anchor))
+            if rule.written_op and (anchor.domain or "", anchor.op) in target.own_ops:
+                result.kept.append(Unfused(label, rule.name, f"already {anchor.op}, the op target "
+                                                              f"{target.name} writes: left as it is", where))
+                continue
             rewrite = Rewrite(graph, rule.name, graph.owner_of(anchor))
             try:
                 found, spec = _candidate(graph, rule, anchor, consumed)

@@ -166,6 +166,12 @@ class AttentionSpec:
     # The Q/DQ pairs on its operands (a quantized model); `query`, `key` and `value` above are the
     # tensors those pairs quantize, and `scale` leaves out any factor applied inside a pair.
     quant: AttentionQuant | None = None
+    # The fused op the source already computes this with (an exporter's ONNX "Attention"); None
+    # for attention written in primitive ops. A target may decline to rewrite an op into itself.
+    written_as: str | None = None
+    # Tensors the source's op computes inside itself, which the tensors above stand in for (see
+    # OperandViews); None when they are all the graph's own.
+    views: "OperandViews | None" = None
 
     def summary(self) -> dict:
         return {
@@ -182,7 +188,21 @@ class AttentionSpec:
             **({"value_head_size": self.value_head_size} if self.value_head_size is not None else {}),
             **({"sinks": self.sinks.name} if self.sinks is not None else {}),
             **({"quantization": self.quant.summary()} if self.quant is not None else {}),
+            **({"written_as": self.written_as} if self.written_as is not None else {}),
         }
+
+
+@dataclass(frozen=True)
+class OperandViews:
+    """What an AttentionSpec's stand-in tensors are, when the source computes its operands inside
+    one fused op and the graph holds no such tensor: ONNX Attention's 3-D form takes Q, K and V as
+    [B, S, N·H] and splits the heads itself, and its is_causal=1 hides keys j > i with no mask
+    tensor. The spec's query, key, value and output are then 4-D stand-ins [B, N, S, H] of the
+    `packed` tensors, its mask tensor a stand-in boolean [Sq, Skv] for the causal triangle; every
+    target computes them first (targets/views.py) and then emits as for primitive attention."""
+
+    packed: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # Q, K, V and Y as the source has them
+    causal_mask: bool = False  # mask.tensor stands for j <= i (upper left)
 
 
 def _dtype_name(onnx_type: int) -> str:

@@ -193,7 +193,7 @@ def describe_attention(graph: Graph, m: Match) -> AttentionSpec:
             raise Reject(f"Q/K/V {what} differ ({a} vs {b})")
     q_heads = q_shape[1]
     if key_perm is None:
-        key, v = _without_head_repetition(graph, key, v, q_heads)
+        key, v = without_head_repetition(graph, key, v, q_heads)
         k_shape, v_shape = graph.shape(key), graph.shape(v)
     kv_heads = k_shape[1]
     if isinstance(q_heads, int) and isinstance(kv_heads, int) and q_heads % kv_heads:
@@ -303,7 +303,7 @@ def _key_behind_flat_transpose(graph: Graph, k_t: Tensor) -> Tensor | None:
     return found["k"]
 
 
-def _without_head_repetition(graph: Graph, key: Tensor, value: Tensor, q_heads) -> tuple:
+def without_head_repetition(graph: Graph, key: Tensor, value: Tensor, q_heads) -> tuple:
     """K and V before GQA head repetition, when both are repeated the grouped way by the same
     factor; otherwise K and V unchanged (attention over repeated heads is still exact)."""
     sources = [_repetition_source(graph, t, q_heads) for t in (key, value)]

@@ -382,16 +382,18 @@ def source_ops(name) -> list[str]:
 
 @pytest.mark.parametrize("name", [n for n in sorted(MANIFEST) if runs_as_written(MANIFEST[n])])
 def test_every_committed_model_fuses_for_trt11_and_checks_through_the_bodies(name):
-    """Every core becomes TRT_Attention but those with learned sinks (refused, saying why) and
-    those the exporter wrote as Attention itself (left as they are: TensorRT 11 parses them)."""
+    """Every core becomes TRT_Attention but those with learned sinks (refused, saying why); the
+    exporter's own ONNX Attention is rewritten like a primitive core, and none is left."""
     truth = MANIFEST[name]
     ops = source_ops(name)
     result = onnx_fuse.fuse(os.path.join(MODELS, name), target="trt11", max_positions=64)
     counts = result.report["counts"]
     assert result.report["check"] is None or result.report["check"]["passed"], result.report["check"]["message"]
     sinks = truth["attention_cores"] if truth.get("attention_sinks") else 0
-    expected = truth["attention_cores"] - ops.count("Attention") - sinks
+    expected = truth["attention_cores"] - sinks
     assert counts.get("attention", 0) == expected, result.report["unfused"]
+    assert ops.count("Attention") == truth.get("native_attention_ops", 0)
+    assert [n.op_type for n in result.proto.graph.node].count("Attention") == 0
     refused = [u["reason"] for u in result.report["unfused"] if u["pattern"] == "attention"]
     assert len(refused) == sinks and all("sinks" in r for r in refused)
     assert counts.get("rope", 0) == truth["rope_applications"] - ops.count("RotaryEmbedding")
@@ -428,10 +430,8 @@ DECODE = sorted(n for n, t in MANIFEST.items() if t["kind"] == "decode")
 def test_static_caches_need_no_mask_except_for_a_window(name):
     truth = MANIFEST[name]
     path = os.path.join(MODELS, name)
-    refusal = ("attention sinks" if truth.get("attention_sinks") else
-               "ONNX Attention the exporter wrote" if truth.get("native_attention_ops") else None)
-    if refusal:  # TRT_Attention cannot express sinks; the exporter's own Attention is not rewritten
-        with pytest.raises(BadInput, match=refusal):
+    if truth.get("attention_sinks"):  # TRT_Attention cannot express sinks
+        with pytest.raises(BadInput, match="attention sinks"):
             onnx_fuse.fuse(path, target="trt11", kv_cache="static", max_cache_len=16)
         return
     result = onnx_fuse.fuse(path, target="trt11", kv_cache="static", max_cache_len=16)

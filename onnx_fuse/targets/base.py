@@ -21,6 +21,7 @@ import onnx
 
 from ..errors import BadInput
 from ..rewrite import Reject, Rewrite
+from .views import emit_views
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class Target:
     # Whether the emitters keep a quantized spec's Q/DQ pairs (its `quant`); a target that does not
     # leaves such specs as they are, so no quantization is ever dropped silently.
     keeps_quantization: ClassVar[bool] = False
+    # The fused ops this target writes, as (domain, op_type). A rule that describes such an op
+    # already in the model (Rule.written_op: an exporter's ONNX Attention) leaves it as it is for
+    # this target: rewriting an op into itself is no fusion. The report lists it under `kept`.
+    own_ops: ClassVar[frozenset[tuple[str, str]]] = frozenset()
 
     def static_form(self):
         """How `--kv-cache static` writes and reads this target's fixed caches
@@ -93,6 +98,8 @@ class Target:
         reason = self.refusal(spec)
         if reason is not None:
             raise Reject(reason)
+        if getattr(spec, "views", None) is not None:  # stand-ins the source's op computed inside it
+            emit_views(spec, rw)
         self.emitters[type(spec)](spec, rw)
 
     def finish(self, graph, result) -> None:

@@ -122,17 +122,14 @@ def _mask_4d(spec: AttentionSpec, rw: Rewrite) -> Tensor:
             tensor = rw.op("Where", [visible, rw.const("mask_zero", np.zeros((), np_type)), floor])
     else:
         tensor = mask.tensor if mask.bias is None else rw.op("Add", [mask.bias, mask.tensor])
-        if onnx_dtype(tensor) not in (None, spec.dtype) and not mask.boolean_exact:
-            # A float32 mask for float16 attention: clip to the narrower range first, or its
-            # lowest value would become -inf and change what fully masked rows compute.
-            lowest = rw.const("mask_lowest", np.array(ml_dtypes.finfo(np_type).min, np.float32))
-            clipped = rw.op("Where", [rw.op("IsInf", [tensor], {"detect_positive": 0}), tensor,
-                                      rw.op("Max", [tensor, lowest])])
-            tensor = rw.op("Cast", [clipped], {"to": spec.dtype})
+        mask_type = onnx_dtype(tensor) or spec.dtype
+        if mask_type != spec.dtype and not mask.boolean_exact:
+            tensor = _in_type(tensor, mask_type, spec.dtype, rw)
         if mask.boolean_exact:
             # Proven to hold only 0 (visible) and huge negatives (hidden), with no query row
             # all hidden: a boolean mask is exact, and what TensorRT's kernels prefer.
-            threshold = rw.const("mask_threshold", np.array(HIDDEN_AT_OR_BELOW, np_type))
+            threshold = rw.const("mask_threshold", np.array(HIDDEN_AT_OR_BELOW,
+                                                            onnx.helper.tensor_dtype_to_np_dtype(mask_type)))
             tensor = rw.op("Greater", [tensor, threshold], dtype=np.bool_)
         else:
             is_minus_inf = rw.op("IsInf", [tensor], {"detect_positive": 0})
@@ -142,6 +139,20 @@ def _mask_4d(spec: AttentionSpec, rw: Rewrite) -> Tensor:
         axes = rw.const("mask_axes", np.arange(4 - rank, dtype=np.int64))
         tensor = rw.op("Unsqueeze", [tensor, axes])
     return tensor
+
+
+def _in_type(tensor: Tensor, mask_type: int, dtype: int, rw: Rewrite) -> Tensor:
+    """An additive mask of another float type in the attention's: a narrower one (float16 for a
+    float32 softmax) cast up, which is exact; a wider one (float32 for float16 attention) clipped
+    to the narrower range first, or its lowest value would become -inf and change what fully
+    masked rows compute."""
+    given, wanted = (onnx.helper.tensor_dtype_to_np_dtype(t) for t in (mask_type, dtype))
+    if ml_dtypes.finfo(given).max <= ml_dtypes.finfo(wanted).max:
+        return rw.op("Cast", [tensor], {"to": dtype})
+    lowest = rw.const("mask_lowest", np.array(ml_dtypes.finfo(wanted).min, given))
+    clipped = rw.op("Where", [rw.op("IsInf", [tensor], {"detect_positive": 0}), tensor,
+                              rw.op("Max", [tensor, lowest])])
+    return rw.op("Cast", [clipped], {"to": dtype})
 
 
 def _same_dim(a, b) -> bool:
@@ -293,6 +304,7 @@ class OnnxTarget(Target):
     floor_opset = 23  # Attention, RotaryEmbedding (TensorScatter: 24, its spec's min_opset)
     static_cache = True
     keeps_quantization = True  # Q/DQ pairs on Q, K and V stay in front of Attention
+    own_ops = frozenset({("", "Attention"), ("", "RotaryEmbedding"), ("", "TensorScatter")})
     emitters = {AttentionSpec: emit_attention, RotarySpec: emit_rotary,
                 KVCacheWriteSpec: emit_kv_cache_write}
 

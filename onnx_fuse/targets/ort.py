@@ -14,7 +14,7 @@ import onnx
 from ..specs import AttentionSpec, KVCacheWriteSpec, RotarySpec
 from . import onnx as standard
 from .base import Target
-from .ort_attention import GQA, MHA, emit_attention, plan
+from .ort_attention import ATTENTION, GQA, MHA, emit_attention, plan
 from .ort_kernels import CONTRIB, providers, runs_on_cpu
 from .ort_rotary import ROTARY, emit_rotary, fold_rotary
 from .ort_static import OrtStaticForm
@@ -38,6 +38,8 @@ class OrtTarget(Target):
             chosen = plan(spec, lambda t: t.shape)  # emit plans again with the refined shapes
             if chosen.op is None:
                 return chosen.why
+            if chosen.op == ATTENTION and spec.written_as == ATTENTION:  # no op into itself
+                return f"stays the ONNX Attention the model has: {chosen.why}"
         return super().refusal(spec)
 
     def finish(self, graph, result) -> None:
