@@ -174,10 +174,9 @@ def cache_len(name) -> int:
 
 
 def written_as_onnx_attention(truth) -> bool:
-    """What ort writes as ONNX Attention: MLA (V's head size differs) and the exporter's own
-    Attention (ort leaves it), and StaticCache's masks (they read cache_position)."""
-    return truth.get("v_head_size") not in (None, truth["head_size"]) or bool(truth.get("native_attention_ops")) \
-        or truth["kind"] == "decode_static"
+    """What ort writes as ONNX Attention: MLA (V's head size differs) and StaticCache's masks (they
+    read cache_position). The exporter's own Attention is rewritten into GroupQueryAttention."""
+    return truth.get("v_head_size") not in (None, truth["head_size"]) or truth["kind"] == "decode_static"
 
 
 def windows(truth) -> list[int | None]:
