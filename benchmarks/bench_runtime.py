@@ -279,9 +279,9 @@ def main(argv=None) -> None:
                              "timing": timings[variant]})
                 print(rows[-1], flush=True)
     print(table(rows))
-    plot(rows, os.path.join(HERE, "runtime.png"))
-    if args.json:
+    if args.json:  # before the plot: figures are kept where matplotlib is missing
         json.dump(rows, open(args.json, "w"), indent=1)
+    plot(rows, os.path.join(HERE, "runtime.png"))
 
 
 if __name__ == "__main__":
