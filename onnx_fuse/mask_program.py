@@ -401,12 +401,19 @@ class _Writer:
 
 
 def _model(graph: Graph, model, body: onnx.GraphProto) -> onnx.ModelProto:
-    opsets = [helper.make_opsetid(domain, version) for domain, version in graph.opsets.items()]
+    # Local functions the mask nodes may call: the model's own, and those of ops this pass has
+    # already written (a later layer's mask may read a shape through an earlier fused layer).
+    functions = {(f.domain, f.name): f for f in (model.functions if model is not None else ())}
+    for key, proto in graph.functions.items():
+        functions.setdefault(key, proto)
+    domains = dict(graph.opsets)
+    for domain, _ in functions:
+        domains.setdefault(domain, 1)
+    opsets = [helper.make_opsetid(domain, version) for domain, version in domains.items()]
     sub = helper.make_model(body, opset_imports=opsets)
     sub.ir_version = max(helper.find_min_ir_version_for(opsets, True), 8,
                          model.ir_version if model is not None else 0)
-    if model is not None:
-        sub.functions.extend(model.functions)  # local functions the mask nodes may call
+    sub.functions.extend(functions.values())
     return sub
 
 

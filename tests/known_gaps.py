@@ -7,8 +7,4 @@ GAPS = {
         "not like encoder_hidden_states (7), which nothing in the graph ties it to; the test's "
         "template then reads a column the model never uses",
         ['bart-dec_decode-cross_sdpa_dynamo.onnx']),
-    "test_target_trt11.py::test_static_caches_need_no_mask_except_for_a_window": (
-        "optimum's second layer mask is classified arbitrary because its mask program runs through "
-        "layer 0's TRT_Attention, which onnxruntime cannot load",
-        ['optimum-llama_decode_sdpa_optimum.onnx']),
 }
