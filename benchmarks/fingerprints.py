@@ -31,6 +31,7 @@ CONFIGS = {
     "trt-plugin": dict(target="trt-plugin"),
     "trt11-kv-static-16": dict(target="trt11", kv_cache="static", max_cache_len=16),
     "trt-plugin-kv-static-16": dict(target="trt-plugin", kv_cache="static", max_cache_len=16),
+    "ort-kv-static-64": dict(target="ort", kv_cache="static", max_cache_len=64),
 }
 
 

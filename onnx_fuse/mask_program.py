@@ -401,20 +401,34 @@ class _Writer:
 
 
 def _model(graph: Graph, model, body: onnx.GraphProto) -> onnx.ModelProto:
-    # Local functions the mask nodes may call: the model's own, and those of ops this pass has
-    # already written (a later layer's mask may read a shape through an earlier fused layer).
-    functions = {(f.domain, f.name): f for f in (model.functions if model is not None else ())}
-    for key, proto in graph.functions.items():
-        functions.setdefault(key, proto)
+    called = _called_functions(graph, model, body)
     domains = dict(graph.opsets)
-    for domain, _ in functions:
+    for domain, _ in called:
         domains.setdefault(domain, 1)
     opsets = [helper.make_opsetid(domain, version) for domain, version in domains.items()]
     sub = helper.make_model(body, opset_imports=opsets)
     sub.ir_version = max(helper.find_min_ir_version_for(opsets, True), 8,
                          model.ir_version if model is not None else 0)
-    sub.functions.extend(functions.values())
+    sub.functions.extend(called.values())
     return sub
+
+
+def _called_functions(graph: Graph, model, body: onnx.GraphProto) -> dict:
+    """The local functions the program's nodes call, directly or through another function: the
+    model's own, and those of ops this pass has already written (a later layer's mask may read a
+    shape through an earlier fused layer). Only those, so that identical programs stay identical
+    bytes (and share one evaluation) whatever the pass has written elsewhere."""
+    known = {(f.domain, f.name): f for f in (model.functions if model is not None else ())}
+    for key, proto in graph.functions.items():
+        known.setdefault(key, proto)
+    called: dict = {}
+    pending = [(n.domain, n.op_type) for n in body.node]
+    while pending:
+        key = pending.pop()
+        if key in known and key not in called:
+            called[key] = known[key]
+            pending.extend((n.domain, n.op_type) for n in known[key].node)
+    return called
 
 
 def _fingerprint(model_bytes: bytes, feeds: list[ShapeFeed]) -> str:
