@@ -479,3 +479,17 @@ def test_lengths_off_by_one_fail_the_static_check(monkeypatch):
     monkeypatch.setattr(Trt11StaticForm, "_kv_lengths", short)
     with pytest.raises(CheckFailed):
         static_llama()
+
+
+@pytest.mark.parametrize("name", ["qwen2-gqa_prefill_sdpa_torchscript.onnx", "llama-gqa_prefill_sdpa_torchscript.onnx"])
+def test_every_layer_reads_one_normalized_mask(name):
+    """Layer 1's mask program reads a shape through layer 0's TRT_Attention, so it carries that
+    op's function body; the same mask must still be recognised as the same program and
+    normalized once for every layer (a program carrying functions it does not call split it)."""
+    model = onnx_fuse.fuse(os.path.join(MODELS, name), target="trt11").proto
+    producer = {o: n for n in model.graph.node for o in n.output}
+    masks = set()
+    for node in trt_nodes(model):
+        mask = producer[node.input[3]]
+        masks.add(mask.input[0] if mask.op_type == "Expand" else mask.output[0])
+    assert len(trt_nodes(model)) == MANIFEST[name]["attention_cores"] and len(masks) == 1
