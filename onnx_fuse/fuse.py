@@ -18,7 +18,7 @@ import onnx
 from . import progress
 from .errors import CheckFailed
 from .export import export
-from .graph import Graph, Options
+from .graph import Graph, Options, with_shapes
 from .model_io import SourceModel
 from .opset import OpsetError, default_opset, raise_opset
 from .proof import Prover
@@ -135,7 +135,7 @@ class _Pass:
     def _graph(self, model: onnx.ModelProto) -> Graph:
         """The graph to match on: `model` (weights possibly set aside) with inferred shapes."""
         progress.phase("load", "shapes and graph")
-        return Graph(self.weights.restore(_with_shapes(model)), self.source.base_dir, self.options)
+        return Graph(self.weights.restore(with_shapes(model)), self.source.base_dir, self.options)
 
     def _convert(self, version: int) -> onnx.ModelProto:
         """The model raised to opset `version`, its large weights possibly still set aside."""
@@ -190,14 +190,6 @@ def _has_anchors(model: onnx.ModelProto, rules) -> bool:
 
 def _opset_reason(from_opset: int, to_opset: int, exc: Exception) -> str:
     return f"cannot raise the opset from {from_opset} to {to_opset}: {exc}"
-
-
-def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference on a copy; rules that need shapes it cannot find say so."""
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # inference is best effort: a model it cannot type still loads
-        return model
 
 
 def _blocked(result: PassResult, reason: str) -> PassResult:

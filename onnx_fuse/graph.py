@@ -32,6 +32,15 @@ class Options:
     check: bool = True
 
 
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference on a copy, as the pass runs it; rules that need shapes it cannot find say
+    so."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is best effort: a model it cannot type still loads
+        return model
+
+
 class Graph:
     """The model being rewritten."""
 

@@ -82,11 +82,10 @@ def _pass_classes(fused: FuseResult, names: set[str], op: str) -> dict[str, Mask
 
 def _exporter_classes(model: onnx.ModelProto, nodes: list, base_dir: str | None) -> dict:
     """Mask classes of the attention nodes the exporter wrote (input 3 of ONNX Attention)."""
-    from .fuse import _with_shapes  # shape inference as the pass runs it
-    from .graph import Graph
+    from .graph import Graph, with_shapes
     from .masks import classify_mask
 
-    graph = Graph(_with_shapes(model), base_dir)
+    graph = Graph(with_shapes(model), base_dir)
     tensors = graph.gs.tensors()
     classes = {}
     for node in nodes:

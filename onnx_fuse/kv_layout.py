@@ -252,10 +252,9 @@ def _with_graph_dims(model: onnx.ModelProto, found: list[tuple]) -> list[Cache]:
 
 
 def _refined_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple]:
-    from .fuse import _with_shapes  # shape inference as the pass runs it
-    from .graph import Graph
+    from .graph import Graph, with_shapes
 
-    graph = Graph(_with_shapes(model))
+    graph = Graph(with_shapes(model))
     tensors = graph.gs.tensors()
     return {name: graph.shape(tensors[name]) for name in names if name in tensors
             and graph.shape(tensors[name]) is not None and len(graph.shape(tensors[name])) == 4}

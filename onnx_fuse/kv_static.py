@@ -632,10 +632,9 @@ def _old_mask_readers(g: gs.Graph, old_masks: tuple, mask_input) -> list[tuple]:
 
 
 def _mask_classes(model: onnx.ModelProto, base_dir: str | None, names: set[str]) -> dict:
-    from .fuse import _with_shapes  # shape inference as the pass runs it
-    from .graph import Graph
+    from .graph import Graph, with_shapes
     from .masks import classify_mask
 
-    graph = Graph(_with_shapes(model), base_dir)
+    graph = Graph(with_shapes(model), base_dir)
     tensors = graph.gs.tensors()
     return {name: classify_mask(graph, tensors[name], model=model) for name in names}

@@ -97,6 +97,14 @@ def make_node(op_name, inputs, outputs, name=None, **attrs):
                             **values)
 
 
+def attributes(op_name, **attrs) -> dict:
+    """The attributes a node of the op gets (make_node's: checked, defaults filled in, the plugin
+    binding included), as a graphsurgeon node takes them."""
+    node = make_node(op_name, ["_"] * len(OPS[op_name].inputs), ["_"], **attrs)
+    found = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in found.items()}
+
+
 def _validate(op_name, v):
     if op_name == ATTENTION.name:
         if v["scale"] is None or not v["scale"] > 0:

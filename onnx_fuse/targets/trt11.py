@@ -47,6 +47,7 @@ from . import primitive_trt, trt11_quantized
 from .base import Proof, Target
 from .onnx import attention_mask, emit_rotary, finish, scaled, shared_write_indices
 from .trt11_functions import attention_function, kv_cache_update_function
+from .trt11_static import Trt11StaticForm
 
 _MULTIDEVICE_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _PRIMITIVE = primitive_trt.PrimitiveTrtTarget()  # for softcapped attention (see emit_attention)
@@ -171,8 +172,6 @@ class Trt11Target(Target):
         return None
 
     def static_form(self):
-        from .trt11_static import Trt11StaticForm  # kv_static and the checker, only when asked
-
         return Trt11StaticForm()
 
     def contract(self, model: onnx.ModelProto) -> list[dict]:

@@ -35,6 +35,7 @@ from ..rewrite import Reject, Rewrite
 from ..specs import HIDDEN_AT_OR_BELOW, AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
 from .base import Proof, Target
 from .onnx import emit_rotary, finish, rotary_tables, shared_write_indices
+from .trt_plugin_static import TrtPluginStaticForm
 
 _ALIGNMENT = {"upper_left": 1, "lower_right": 2}  # FusedAttention's `causal`
 _PLUGIN_OPS = {f"{plugin_ops.DOMAIN}::{name}" for name in plugin_ops.OPS}  # as lint names them
@@ -76,15 +77,11 @@ def body_opset(rw: Rewrite) -> int:
 
 
 def attributes(op_name: str, **values) -> dict:
-    """The attributes of a node of one of plugin_ops' ops: checked against its contract
-    (make_node), defaults filled in, the plugin binding (namespace, version) included."""
-    inputs = ["_"] * len(plugin_ops.OPS[op_name].inputs)
+    """plugin_ops.attributes, a value the op's contract refuses being a Reject of the match."""
     try:
-        node = plugin_ops.make_node(op_name, inputs, ["_"], **values)
+        return plugin_ops.attributes(op_name, **values)
     except ValueError as exc:
         raise Reject(f"{op_name}: {exc}") from None
-    found = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return {k: v.decode() if isinstance(v, bytes) else v for k, v in found.items()}
 
 
 def plugin_op(op_name: str, inputs: list, rw: Rewrite, outputs: list | None = None, **values) -> Tensor:
@@ -242,8 +239,6 @@ class TrtPluginTarget(Target):
         return 0  # FusedKVWrite's body needs no TensorScatter
 
     def static_form(self):
-        from .trt_plugin_static import TrtPluginStaticForm  # kv_static and the checker, only when asked
-
         return TrtPluginStaticForm()
 
     def contract(self, model) -> list[dict]:

@@ -18,7 +18,6 @@ from onnx import TensorProto
 from .. import plugin_ops
 from ..kv_static import StandardForm
 from .trt11_static import Trt11StaticForm
-from .trt_plugin import attributes
 
 _KEY_MASK, _KV_LENGTHS = 3, 5  # FusedAttention's inputs
 
@@ -42,7 +41,7 @@ class TrtPluginStaticForm(Trt11StaticForm):
 
     def write(self, conversion, concat: gs.Node) -> None:
         concat.op, concat.domain = plugin_ops.KV_WRITE.name, plugin_ops.DOMAIN
-        concat.attrs = attributes(plugin_ops.KV_WRITE.name)
+        concat.attrs = plugin_ops.attributes(plugin_ops.KV_WRITE.name)
         concat.inputs.append(conversion.write)  # (past, new, write_position)
 
     def functions(self) -> list[onnx.FunctionProto]:
