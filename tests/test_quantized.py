@@ -329,3 +329,16 @@ def test_the_quantization_tolerance_still_fails_a_wrong_quantization(name):
     assert check.check_equivalent(ModelRef(source), ModelRef(fused)).passed
     wrong = check.check_equivalent(ModelRef(source), ModelRef(doubled_query_scale(fused)))
     assert not wrong.passed and "differs" in wrong.message
+
+
+def test_a_global_atol_wins_over_the_quantization_widening():
+    """The widening is the default a caller's tolerance replaces: a per-output and a global atol
+    both apply as given (a global one used to be overridden by the widened per-output values)."""
+    from onnx_fuse.tolerances import Tolerances
+
+    name = "bert_encoder_eager_torchscript_int8.onnx"
+    widened = onnx_fuse.fuse(path(name), target="trt11").report["check"]["outputs"]
+    assert any(o["max_abs"] > 1e-6 for o in widened.values())  # the fused model moves by steps
+    for atol in ({"": 1e-6}, {output: 1e-6 for output in widened}):
+        with pytest.raises(CheckFailed):
+            onnx_fuse.fuse(path(name), target="trt11", tolerances=Tolerances(atol, {"": 0.0}))
