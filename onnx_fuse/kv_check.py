@@ -47,10 +47,10 @@ def needed_slots(steps: int = STEPS, chunk: int = CHUNK) -> int:
 
 
 def check_static(original, converted, layout: Layout, cache_len: int, *, steps: int = STEPS,
-                 seed: int = 0, scenarios: tuple[str, ...] = ("ragged", "left_padded"),
-                 chunk: int = CHUNK) -> dict:
+                 seed: int = 0, scenarios: tuple[str, ...] = ("ragged", "left_padded")) -> dict:
     """Drive both models (see the module docstring). Returns the report's `check`: {passed,
     outputs: {name: {max_abs, max_rel, passed}}, message, steps, chunk, scenarios}."""
+    chunk = CHUNK
     shortest = layout.shortest_past
     longest = min(max(4, shortest + 2), cache_len - steps - chunk)
     if longest < max(2, shortest):

@@ -81,10 +81,6 @@ class Layout:
         return [(c.past, c.present) for c in self.caches]
 
     @property
-    def cache_dims(self) -> dict[str, tuple[int, int]]:
-        return {c.past: (c.heads, c.head_size) for c in self.caches}
-
-    @property
     def shortest_past(self) -> int:
         """The fewest past tokens the model runs with (a sliding-window cache may declare its
         past's length fixed: W - 1)."""

@@ -203,7 +203,9 @@ class StandardForm:
     (the graph's tensors by name), `layout` (kv_layout.Layout: `ids`, `batch_dim`, `mask`) and
     `cache_len` (N)."""
 
-    attention_op = "Attention"
+    # Every op the pass writes attention as for this target (one, unless the target picks an op
+    # per attention).
+    attention_ops: tuple[str, ...] = ("Attention",)
     write_op = "TensorScatter"
     scenarios = ("ragged", "left_padded")  # what check_static drives
     valid_slots = "1 = the slot holds a valid token (this step's included)"
@@ -214,12 +216,6 @@ class StandardForm:
     # Whether each present must be bound to its past's buffer (past_present_share_buffer): the
     # written model says so in its metadata_props, and the multi-step check runs it so.
     shares_buffer = False
-
-    @property
-    def attention_ops(self) -> tuple[str, ...]:
-        """Every op the pass writes attention as for this target (one, unless the target picks
-        an op per attention)."""
-        return (self.attention_op,)
 
     def old_masks(self, attention: gs.Node) -> list:
         """The tensors `remask` stops `attention` reading its masking from."""

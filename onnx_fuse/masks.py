@@ -351,8 +351,6 @@ def _probe(roles: _Roles, program: Program, sizes) -> tuple[int, int, int] | Non
     if need <= longest:
         return None
     b = roles.batch if isinstance(roles.batch, int) else 1
-    if isinstance(roles.past, int):  # a fixed past: no length to vary
-        return None
     if roles.past is not None:
         s = roles.seq if isinstance(roles.seq, int) else 1
         size = (b, s, need)
@@ -368,9 +366,7 @@ def _assignments(roles: _Roles, size: tuple[int, int, int]):
     one per choice of size for the symbols whose role is unknown."""
     b, s, p = size
     values = dict(roles.fixed)
-    if isinstance(roles.batch, str):
-        values[roles.batch] = b
-    values.update({sym: b for sym in roles.batches})
+    values.update({sym: b for sym in roles.batches})  # a symbolic batch is among them
     if isinstance(roles.seq, str):
         values[roles.seq] = s
     if roles.past is not None:

@@ -12,6 +12,7 @@ core (a classifier's softmax) are listed after the layers.
 
 from __future__ import annotations
 
+import bisect
 import html
 import math
 
@@ -72,15 +73,9 @@ def group_by_layer(fused: list[dict], unfused: list[dict]) -> list[dict]:
 
 
 def _first_at_or_after(ends: list[int], position: int) -> int | None:
-    """Index of the first layer end at or after `position` (binary search), None past the last."""
-    low, high = 0, len(ends)
-    while low < high:
-        middle = (low + high) // 2
-        if ends[middle] < position:
-            low = middle + 1
-        else:
-            high = middle
-    return low if low < len(ends) else None
+    """Index of the first layer end at or after `position`, None past the last."""
+    index = bisect.bisect_left(ends, position)
+    return index if index < len(ends) else None
 
 
 def _summary(report: dict) -> str:

@@ -97,7 +97,7 @@ def attention_mask(spec: AttentionSpec, rw: Rewrite) -> Tensor:
     tensor = rw.shared(key, lambda: _mask_4d(spec, rw))
     shape = (1,) * (4 - len(shape)) + shape
     q_len, k_len = spec.query.shape[2], spec.value.shape[2]
-    if not (_same_dim(shape[2], q_len) and _same_dim(shape[3], k_len)):
+    if not (same_dim(shape[2], q_len) and same_dim(shape[3], k_len)):
         q_dim = rw.op("Shape", [spec.query], {"start": 2, "end": 3})
         k_dim = rw.op("Shape", [spec.value], {"start": 2, "end": 3})
         ones = rw.const("mask_ones", np.ones(2, dtype=np.int64))
@@ -155,7 +155,7 @@ def _in_type(tensor: Tensor, mask_type: int, dtype: int, rw: Rewrite) -> Tensor:
     return rw.op("Cast", [clipped], {"to": dtype})
 
 
-def _same_dim(a, b) -> bool:
+def same_dim(a, b) -> bool:
     return a is not None and a == b
 
 

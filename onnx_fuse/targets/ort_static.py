@@ -48,7 +48,7 @@ _SEQLENS_K, _TOTAL_LENGTH, _ATTENTION_BIAS = 5, 6, 10  # GroupQueryAttention's i
 class OrtStaticForm(StandardForm):
     """Made for one conversion (it builds the lengths and biases once for all layers)."""
 
-    attention_op = GQA
+    attention_ops = (GQA, MHA, ATTENTION)
     cache_writers = (GQA,)
     shares_buffer = True
     valid_slots = ("1 = the slot holds a valid token (this step's included); each present shares "
@@ -57,10 +57,6 @@ class OrtStaticForm(StandardForm):
     def __init__(self):
         self._lengths: tuple | None = None
         self._biases: dict = {}
-
-    @property
-    def attention_ops(self) -> tuple[str, ...]:
-        return (GQA, MHA, ATTENTION)
 
     def old_masks(self, attention: gs.Node) -> list:
         if attention.op == GQA:

@@ -24,7 +24,7 @@ from .trt11_functions import kv_cache_update_function
 class Trt11StaticForm(StandardForm):
     """Made for one conversion (it builds the lengths and write indices once for all layers)."""
 
-    attention_op = TRT_ATTENTION.op_type
+    attention_ops = (TRT_ATTENTION.op_type,)
     write_op = TRT_KV_CACHE_UPDATE.op_type
     scenarios = ("ragged",)
     valid_slots = ("1 = the slot holds a valid token (this step's included); a row's valid slots "

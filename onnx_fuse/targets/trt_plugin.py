@@ -34,7 +34,7 @@ from ..masks import mask_identity
 from ..rewrite import Reject, Rewrite
 from ..specs import HIDDEN_AT_OR_BELOW, AttentionSpec, KVCacheWriteSpec, MaskSpec, RotarySpec
 from .base import Proof, Target
-from .onnx import emit_rotary, finish, rotary_tables, shared_write_indices
+from .onnx import emit_rotary, finish, rotary_tables, same_dim, shared_write_indices
 from .trt_plugin_static import TrtPluginStaticForm
 
 _ALIGNMENT = {"upper_left": 1, "lower_right": 2}  # FusedAttention's `causal`
@@ -126,8 +126,8 @@ def _key_mask(spec: AttentionSpec, padding: bool, rw: Rewrite) -> Tensor:
     seen = rw.shared(("plugin_key_mask", identity or id(mask.tensor), mask.kind),
                      lambda: _keys_seen(mask, rw))
     shape = rw.graph.shape(mask.tensor) or ()
-    if len(shape) == 4 and _same_dim(shape[0], spec.query.shape[0]) \
-            and _same_dim(shape[3], spec.value.shape[2]):
+    if len(shape) == 4 and same_dim(shape[0], spec.query.shape[0]) \
+            and same_dim(shape[3], spec.value.shape[2]):
         return seen
     batch = rw.op("Shape", [spec.query], {"start": 0, "end": 1}, dtype=np.int64)
     keys = rw.op("Shape", [spec.value], {"start": 2, "end": 3}, dtype=np.int64)
@@ -151,10 +151,6 @@ def _keys_seen(mask: MaskSpec, rw: Rewrite) -> Tensor:
     flags = rw.op("Cast", [visible], {"to": TensorProto.INT32}, dtype=np.int32)
     rows = rw.const("heads_and_queries", np.array([1, 2], np.int64))
     return rw.op("ReduceMax", [flags, rows], {"keepdims": 0}, dtype=np.int32)
-
-
-def _same_dim(a, b) -> bool:
-    return a is not None and a == b
 
 
 def _sinks(spec: AttentionSpec, rw: Rewrite) -> Tensor:

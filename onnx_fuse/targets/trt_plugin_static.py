@@ -25,7 +25,7 @@ _KEY_MASK, _KV_LENGTHS = 3, 5  # FusedAttention's inputs
 class TrtPluginStaticForm(Trt11StaticForm):
     """Made for one conversion (it builds the key mask and lengths once for all layers)."""
 
-    attention_op = plugin_ops.ATTENTION.name
+    attention_ops = (plugin_ops.ATTENTION.name,)
     write_op = plugin_ops.KV_WRITE.name
     scenarios = StandardForm.scenarios  # holes in the valid slots are the key mask's
     valid_slots = StandardForm.valid_slots
