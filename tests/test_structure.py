@@ -33,6 +33,57 @@ def imported_modules(tree):
             yield ("." * node.level) + (node.module or "")
 
 
+def package_modules():
+    """{module name: file} for onnx_fuse and the rules (patterns/ is onnx_fuse.patterns)."""
+    found = {}
+    for folder, package in (("onnx_fuse", "onnx_fuse"), ("patterns", "onnx_fuse.patterns")):
+        for directory, _, files in os.walk(os.path.join(ROOT, folder)):
+            relative = os.path.relpath(directory, os.path.join(ROOT, folder))
+            prefix = package if relative == "." else package + "." + relative.replace(os.sep, ".")
+            for name in files:
+                if name.endswith(".py"):
+                    module = prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"
+                    found[module] = os.path.join(directory, name)
+    return found
+
+
+def import_edges(module, path, known):
+    """The package modules `module` imports, at the top or inside a function alike."""
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            base = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            # `from pkg import sub` imports the submodule; `from pkg import name`, pkg itself
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        yield from (n for n in names if n in known and n != module)
+
+
+def test_no_import_circle():
+    known = package_modules()
+    edges = {m: set(import_edges(m, path, known)) for m, path in known.items()}
+    state, stack = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                pytest.fail("import circle: " + " -> ".join(stack[stack.index(target):] + [target]))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(known):
+        if module not in state:
+            visit(module)
+
+
 def test_rules_do_not_import_targets():
     for path, tree in sources("patterns"):
         assert not any("targets" in m for m in imported_modules(tree)), path
